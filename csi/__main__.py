@@ -1,0 +1,139 @@
+"""Command line: ``luks-ephemeral-csi node|controller|all`` serves; ``volumes`` lists volumes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from csi import __version__, logs
+from csi.config import Config, add_flags, from_args
+from csi.controller import ControllerServicer
+from csi.errors import DriverError
+from csi.host.linux import LinuxHost
+from csi.identity import IdentityServicer
+from csi.node import NodeServicer
+from csi.params import format_bytes
+from csi.proto import csi_pb2_grpc
+from csi.server import Server
+from csi.volumes import Volumes
+
+log = logging.getLogger("csi")
+
+# Test-only fault hook: SIGKILL this very process right after the named lifecycle step, so the
+# real-kernel tests can prove crash recovery. It never touches any other process.
+CRASH_ENV = "LUKS_EPHEMERAL_TEST_CRASH_AFTER"
+
+
+def crash_hook(environ: dict[str, str]) -> Callable[[str], None] | None:
+    step = environ.get(CRASH_ENV, "")
+    if not step:
+        return None
+
+    def hook(done: str) -> None:
+        if done == step:
+            log.warning("test hook: killing myself after step %s", done)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return hook
+
+
+def build_server(config: Config, volumes: Volumes | None) -> Server:
+    host = volumes.host if volumes is not None else None
+    register: list[Callable[[grpc.Server], None]] = [
+        lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(config, host), s)
+    ]
+    if config.serves_node and volumes is not None:
+        node = NodeServicer(config, volumes)
+        register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
+    if config.serves_controller:
+        register.append(
+            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(), s)
+        )
+    return Server(config.socket_path, register)
+
+
+def serve(config: Config) -> int:
+    volumes = None
+    if config.serves_node:
+        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+        volumes = Volumes(config, LinuxHost(), after_step=crash_hook(dict(os.environ)))
+        report = volumes.reconcile()
+        log.info(
+            "start-up reconcile done",
+            extra={"fields": {"rolled_back": report.rolled_back,
+                              "orphans_removed": report.orphans_removed,
+                              "failures": report.failures}},
+        )  # fmt: skip
+    server = build_server(config, volumes)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    log.info("luks-ephemeral-csi %s serving %s as %s", __version__, config.mode,
+             config.driver_name)
+    while not stop.wait(3600):
+        pass
+    log.info("signal received: finishing in-flight RPCs")
+    server.stop()
+    return 0
+
+
+def list_volumes(config: Config, as_json: bool) -> int:
+    volumes = Volumes(config, LinuxHost())
+    rows = []
+    for info in volumes.list():
+        rec = info.record
+        rows.append({
+            "volume_id": rec.volume_id,
+            "pod": "/".join(p for p in (rec.pod.get("namespace"), rec.pod.get("name")) if p),
+            "state": rec.state,
+            "size": format_bytes(rec.spec.size),
+            "allocated": info.allocated_bytes,
+            "loop": info.loop_device or "-",
+            "mapping": info.names.mapping if info.mapping_open else "-",
+            "mount": rec.target_path if info.mounted else "-",
+        })  # fmt: skip
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    columns = ["volume_id", "pod", "state", "size", "allocated", "loop", "mapping", "mount"]
+    table = [columns, *[[str(r[c]) for c in columns] for r in rows]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no volumes on this node)")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="luks-ephemeral-csi", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for mode in ("node", "controller", "all"):
+        add_flags(sub.add_parser(mode, help=f"serve the {mode} plugin"))
+    listing = sub.add_parser("volumes", help="list this node's volumes from the journal")
+    add_flags(listing)
+    listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    mode = args.command if args.command != "volumes" else "node"
+    try:
+        config = from_args(mode, args)
+    except DriverError as exc:
+        parser.error(str(exc))
+    logs.setup(config.log_format, config.log_level)
+    if args.command == "volumes":
+        return list_volumes(config, args.json)
+    return serve(config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""An in-memory host for unit tests: files, loops, LUKS, mappings and mounts, with faults.
+
+It models just enough of the kernel to catch lifecycle bugs: a mapping can only be opened with the
+key it was formatted with (checked by hash), a busy mount refuses umount, and
+``fail(step)`` makes the next call of that step raise, so every step can be made to fail or crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from dataclasses import dataclass, field
+
+from csi.errors import Busy, Internal
+from csi.host import FsStats, LuksFormat
+from csi.host.runner import CommandFailed
+from csi.keys import VolumeKey
+
+STEPS = (
+    "create_backing", "loop_attach", "luks_format", "crypt_open", "mkfs", "mount",
+    "set_volume_root", "umount", "crypt_close", "loop_detach", "remove_file",
+)  # fmt: skip
+
+
+@dataclass
+class FakeFile:
+    size: int
+    allocated: int
+
+
+@dataclass
+class FakeMount:
+    source: str
+    fs_type: str
+    options: list[str]
+
+
+@dataclass
+class FakeHost:
+    free: int = 100 * 1024**3
+    files: dict[str, FakeFile] = field(default_factory=dict)
+    dirs: set[str] = field(default_factory=set)
+    symlinks: dict[str, str] = field(default_factory=dict)
+    loops: dict[str, str] = field(default_factory=dict)  # device -> backing
+    luks: dict[str, str] = field(default_factory=dict)  # header location -> key hash
+    luks_options: dict[str, LuksFormat] = field(default_factory=dict)
+    mappings: dict[str, str] = field(default_factory=dict)  # name -> device
+    filesystems: dict[str, str] = field(default_factory=dict)  # device -> fs type
+    fs_errors: dict[str, int] = field(default_factory=dict)
+    mounts: dict[str, FakeMount] = field(default_factory=dict)  # target -> mount
+    busy: set[str] = field(default_factory=set)  # busy targets
+    missing: list[str] = field(default_factory=list)
+    calls: list[str] = field(default_factory=list)
+    faults: dict[str, BaseException] = field(default_factory=dict)
+    seen_keys: list[bytes] = field(default_factory=list)  # for tests that hunt for key leaks
+    _lock: threading.RLock = field(default_factory=threading.RLock)
+    _next_loop: int = 0
+
+    # fault injection ---------------------------------------------------------------------
+    def fail(self, step: str, error: BaseException | None = None) -> None:
+        """Make the next call of ``step`` raise ``error`` (default: a failed command)."""
+        self.faults[step] = error or CommandFailed([step], 1, f"injected failure in {step}")
+
+    def _enter(self, step: str, detail: str = "") -> None:
+        self.calls.append(f"{step} {detail}".strip())
+        error = self.faults.pop(step, None)
+        if error is not None:
+            raise error
+
+    def reboot(self) -> None:
+        """What a node reboot leaves: files on disk only (tmpfs dirs are the caller's job)."""
+        self.loops.clear()
+        self.mappings.clear()
+        self.mounts.clear()
+        self.busy.clear()
+
+    def is_empty(self) -> bool:
+        return not (self.files or self.loops or self.mappings or self.mounts or self.luks)
+
+    # files -------------------------------------------------------------------------------
+    def create_backing(self, path: str, size: int, preallocate: bool) -> None:
+        with self._lock:
+            self._enter("create_backing", path)
+            if size > self.free:
+                raise Internal(f"cannot create backing file {path}: No space left on device")
+            self.files[path] = FakeFile(size, size if preallocate else 0)
+
+    def remove_file(self, path: str) -> None:
+        with self._lock:
+            self._enter("remove_file", path)
+            self.files.pop(path, None)
+            self.luks.pop(path, None)
+
+    def exists(self, path: str) -> bool:
+        return path in self.files or path in self.dirs or path in self.symlinks
+
+    def list_dir(self, path: str) -> list[str]:
+        prefix = path.rstrip("/") + "/"
+        names = (p[len(prefix) :] for p in self.files if p.startswith(prefix))
+        return sorted(n for n in names if "/" not in n)
+
+    def allocated_bytes(self, path: str) -> int:
+        f = self.files.get(path)
+        return f.allocated if f else 0
+
+    def free_bytes(self, path: str) -> int:
+        return self.free - sum(f.allocated for f in self.files.values())
+
+    def realpath(self, path: str) -> str:
+        parts = os.path.normpath(path).split("/")
+        current = "/"
+        for part in parts[1:]:
+            current = os.path.join(current, part)
+            if current in self.symlinks:
+                current = self.symlinks[current]
+        return current
+
+    def is_symlink(self, path: str) -> bool:
+        return path in self.symlinks
+
+    def make_dir(self, path: str) -> None:
+        self.dirs.add(path)
+
+    def remove_dir(self, path: str) -> None:
+        self.dirs.discard(path)
+
+    def set_volume_root(self, path: str, group: int | None) -> None:
+        self._enter("set_volume_root", path)
+
+    # loop --------------------------------------------------------------------------------
+    def loop_find(self, backing: str) -> str | None:
+        for device, path in self.loops.items():
+            if path == backing:
+                return device
+        return None
+
+    def loop_attach(self, backing: str) -> str:
+        with self._lock:
+            self._enter("loop_attach", backing)
+            if backing not in self.files:
+                raise CommandFailed(["losetup"], 1, f"{backing}: No such file or directory")
+            device = f"/dev/loop{self._next_loop}"
+            self._next_loop += 1
+            self.loops[device] = backing
+            return device
+
+    def loop_detach(self, device: str) -> None:
+        with self._lock:
+            self._enter("loop_detach", device)
+            if any(m == device for m in self.mappings.values()):
+                raise CommandFailed(["losetup"], 1, f"{device}: device is busy")
+            self.loops.pop(device, None)
+
+    # dm-crypt ----------------------------------------------------------------------------
+    @staticmethod
+    def _fingerprint(key: VolumeKey) -> str:
+        return hashlib.sha256(key.view).hexdigest()
+
+    def luks_format(self, device: str, key: VolumeKey, options: LuksFormat) -> None:
+        with self._lock:
+            self._enter("luks_format", device)
+            location = options.header or self.loops[device]
+            self.luks[location] = self._fingerprint(key)
+            self.luks_options[location] = options
+            if options.header:
+                self.files[options.header] = FakeFile(16 * 1024**2, 16 * 1024**2)
+            self.seen_keys.append(bytes(key.view))
+
+    def crypt_open(self, device: str, name: str, key: VolumeKey, header: str | None) -> None:
+        with self._lock:
+            self._enter("crypt_open", f"{device} {name}")
+            if name in self.mappings:
+                raise CommandFailed(["cryptsetup"], 5, f"Device {name} already exists.")
+            location = header or self.loops.get(device, "")
+            if self.luks.get(location) != self._fingerprint(key):
+                raise CommandFailed(["cryptsetup"], 2, "No key available with this passphrase.")
+            self.mappings[name] = device
+
+    def crypt_close(self, name: str) -> None:
+        with self._lock:
+            self._enter("crypt_close", name)
+            device = f"/dev/mapper/{name}"
+            if any(m.source == device for m in self.mounts.values()):
+                raise Busy(f"mapping {name} is still in use; it stays open")
+            self.mappings.pop(name, None)
+            self.filesystems.pop(device, None)
+
+    def crypt_exists(self, name: str) -> bool:
+        return name in self.mappings
+
+    def crypt_names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self.mappings if n.startswith(prefix))
+
+    # filesystems -------------------------------------------------------------------------
+    def mkfs(self, device: str, fs_type: str) -> None:
+        with self._lock:
+            self._enter("mkfs", device)
+            self.filesystems[device] = fs_type
+            self.fs_errors.pop(device, None)
+
+    def mount(self, source: str, target: str, fs_type: str, options: list[str]) -> None:
+        with self._lock:
+            self._enter("mount", target)
+            if self.filesystems.get(source) != fs_type:
+                raise CommandFailed(["mount"], 32, f"wrong fs type, bad superblock on {source}")
+            if target not in self.dirs:
+                raise CommandFailed(["mount"], 32, f"mount point {target} does not exist")
+            self.mounts[target] = FakeMount(source, fs_type, list(options))
+
+    def umount(self, target: str) -> None:
+        with self._lock:
+            self._enter("umount", target)
+            if target in self.busy:
+                raise Busy(f"target {target} is busy: a process still holds files on it")
+            self.mounts.pop(target, None)
+
+    def mount_source(self, target: str) -> str | None:
+        mount = self.mounts.get(target)
+        return mount.source if mount else None
+
+    def mountpoints_of(self, source: str) -> list[str]:
+        return [t for t, m in self.mounts.items() if m.source == source]
+
+    def fs_stats(self, path: str) -> FsStats:
+        mount = self.mounts[path]
+        name = mount.source.removeprefix("/dev/mapper/")
+        backing = self.loops.get(self.mappings.get(name, ""), "")
+        size = self.files[backing].size if backing in self.files else 0
+        return FsStats(size, size - 4096, 4096, size // 16384, size // 16384 - 11, 11)
+
+    def fs_error_count(self, device: str) -> int:
+        return self.fs_errors.get(device, 0)
+
+    # readiness ---------------------------------------------------------------------------
+    def missing_requirements(self) -> list[str]:
+        return list(self.missing)

@@ -1,0 +1,272 @@
+"""The real host: loop devices, cryptsetup, mkfs and mount on the running Linux kernel."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import stat
+
+from csi.errors import Busy, Internal
+from csi.host import FsStats, LuksFormat
+from csi.host.runner import CommandFailed, run
+from csi.keys import VolumeKey
+
+PBKDF2_MIN_ITERATIONS = "1000"  # cryptsetup's floor; the passphrase is a full-entropy key
+FORMAT_TIMEOUT = 900.0  # dm-integrity wipes the whole device at format time
+SECTOR = "4096"
+REQUIRED_TOOLS = ("cryptsetup", "losetup", "mkfs.ext4", "mkfs.xfs", "mount", "umount")
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return (
+        field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
+        .replace("\\134", "\\")
+    )  # fmt: skip
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
+    """(mount point, source, fs type) of every mount, from the kernel's own table."""
+    entries = []
+    with open(path) as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if len(fields) < 5 or len(rfields) < 2:
+                continue
+            entries.append(
+                (_unescape_mountinfo(fields[4]), _unescape_mountinfo(rfields[1]), rfields[0])
+            )
+    return entries
+
+
+class LinuxHost:
+    """Every method checks the kernel's view first, so repeating a step is harmless."""
+
+    def __init__(self, sysfs: str = "/sys") -> None:
+        self.sysfs = sysfs
+
+    # files -------------------------------------------------------------------------------
+    def create_backing(self, path: str, size: int, preallocate: bool) -> None:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if preallocate:
+                os.posix_fallocate(fd, 0, size)
+            else:
+                os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as exc:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            raise Internal(f"cannot create backing file {path}: {exc.strerror}") from None
+        os.close(fd)
+
+    def remove_file(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+    def exists(self, path: str) -> bool:
+        return os.path.lexists(path)
+
+    def list_dir(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(path))
+        except FileNotFoundError:
+            return []
+
+    def allocated_bytes(self, path: str) -> int:
+        try:
+            return os.stat(path).st_blocks * 512
+        except FileNotFoundError:
+            return 0
+
+    def free_bytes(self, path: str) -> int:
+        st = os.statvfs(path)
+        return st.f_bavail * st.f_frsize
+
+    def realpath(self, path: str) -> str:
+        return os.path.realpath(path)
+
+    def is_symlink(self, path: str) -> bool:
+        return os.path.islink(path)
+
+    def make_dir(self, path: str) -> None:
+        os.makedirs(path, mode=0o750, exist_ok=True)
+
+    def remove_dir(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(path)
+
+    def set_volume_root(self, path: str, group: int | None) -> None:
+        if group is None:
+            os.chmod(path, 0o777)  # like emptyDir: the pod's user may not be root
+        else:
+            os.chown(path, -1, group)
+            os.chmod(path, 0o2775)
+
+    # loop --------------------------------------------------------------------------------
+    def loop_find(self, backing: str) -> str | None:
+        for entry in glob.glob(os.path.join(self.sysfs, "block", "loop*", "loop", "backing_file")):
+            try:
+                with open(entry) as f:
+                    current = f.read().strip()
+            except OSError:
+                continue
+            if current.removesuffix(" (deleted)") == backing:
+                return "/dev/" + entry.split(os.sep)[-3]
+        return None
+
+    def loop_attach(self, backing: str) -> str:
+        out = run(
+            ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", SECTOR, backing]
+        )
+        device = out.strip()
+        if not device.startswith("/dev/loop"):
+            raise Internal(f"losetup gave no loop device for {backing}")
+        return device
+
+    def loop_detach(self, device: str) -> None:
+        try:
+            run(["losetup", "--detach", device])
+        except CommandFailed as exc:
+            if "No such device" in exc.stderr or not os.path.exists(device):
+                return
+            raise
+
+    # dm-crypt ----------------------------------------------------------------------------
+    def luks_format(self, device: str, key: VolumeKey, options: LuksFormat) -> None:
+        argv = [
+            "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
+            "--cipher", options.cipher, "--key-size", str(options.key_bits),
+            "--sector-size", SECTOR, "--pbkdf", "pbkdf2",
+            "--pbkdf-force-iterations", PBKDF2_MIN_ITERATIONS, "--hash", "sha256",
+            # one keyslot is all we use: a compact header keeps tmpfs use and overhead small
+            "--luks2-metadata-size", "16k", "--luks2-keyslots-size", "512k",
+            "--key-file=-",
+        ]  # fmt: skip
+        if options.integrity != "none":
+            argv += ["--integrity", options.integrity]
+        if options.header:
+            argv += ["--header", options.header]
+        run([*argv, device], stdin=key.view, timeout=FORMAT_TIMEOUT)
+
+    def crypt_open(self, device: str, name: str, key: VolumeKey, header: str | None) -> None:
+        argv = [
+            "cryptsetup",
+            "open",
+            "--type",
+            "luks2",
+            "--key-file=-",
+            "--perf-no_read_workqueue",
+            "--perf-no_write_workqueue",
+        ]
+        if header:
+            argv += ["--header", header]
+        run([*argv, device, name], stdin=key.view)
+
+    def crypt_close(self, name: str) -> None:
+        if not self.crypt_exists(name):
+            return
+        try:
+            run(["cryptsetup", "close", name])
+        except CommandFailed as exc:
+            if "in use" in exc.stderr or "busy" in exc.stderr.lower():
+                raise Busy(f"mapping {name} is still in use; it stays open") from None
+            if not self.crypt_exists(name):
+                return
+            raise
+
+    def _dm_names(self) -> dict[str, str]:
+        """dm name -> kernel device name (dm-N), read from sysfs."""
+        names = {}
+        for entry in glob.glob(os.path.join(self.sysfs, "block", "dm-*", "dm", "name")):
+            with contextlib.suppress(OSError), open(entry) as f:
+                names[f.read().strip()] = entry.split(os.sep)[-3]
+        return names
+
+    def crypt_exists(self, name: str) -> bool:
+        return name in self._dm_names()
+
+    def crypt_names(self, prefix: str) -> list[str]:
+        return sorted(n for n in self._dm_names() if n.startswith(prefix))
+
+    # filesystems -------------------------------------------------------------------------
+    def mkfs(self, device: str, fs_type: str) -> None:
+        if fs_type == "ext4":
+            run(
+                [
+                    "mkfs.ext4",
+                    "-F",
+                    "-q",
+                    "-m",
+                    "0",
+                    "-E",
+                    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+                    device,
+                ]
+            )
+        elif fs_type == "xfs":
+            run(["mkfs.xfs", "-f", "-q", "-K", device])
+        else:
+            raise Internal(f"no mkfs for {fs_type}")
+
+    def mount(self, source: str, target: str, fs_type: str, options: list[str]) -> None:
+        opts = list(options)
+        if fs_type == "ext4":
+            opts.append("noinit_itable")  # keep sparse files sparse: no background zeroing
+        run(["mount", "-t", fs_type, "-o", ",".join(opts), source, target])
+
+    def umount(self, target: str) -> None:
+        try:
+            run(["umount", target])
+        except CommandFailed as exc:
+            if "busy" in exc.stderr.lower():
+                raise Busy(
+                    f"target {target} is busy: a process still holds files on it; "
+                    "the volume stays mounted with its data intact, retry later"
+                ) from None
+            if self.mount_source(target) is None:
+                return
+            raise
+
+    def mount_source(self, target: str) -> str | None:
+        found = None
+        for point, source, _ in read_mountinfo():
+            if point == target:
+                found = source  # the last entry wins: it is the visible one
+        return found
+
+    def mountpoints_of(self, source: str) -> list[str]:
+        return [point for point, src, _ in read_mountinfo() if src == source]
+
+    def fs_stats(self, path: str) -> FsStats:
+        st = os.statvfs(path)
+        return FsStats(
+            total_bytes=st.f_blocks * st.f_frsize,
+            available_bytes=st.f_bavail * st.f_frsize,
+            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            total_inodes=st.f_files,
+            free_inodes=st.f_ffree,
+            used_inodes=st.f_files - st.f_ffree,
+        )
+
+    def fs_error_count(self, device: str) -> int:
+        try:
+            kname = os.path.basename(os.path.realpath(device))
+            with open(os.path.join(self.sysfs, "fs", "ext4", kname, "errors_count")) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    # readiness ---------------------------------------------------------------------------
+    def missing_requirements(self) -> list[str]:
+        missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool, path=_PATH) is None]
+        control = "/dev/mapper/control"
+        if not (os.path.exists(control) and stat.S_ISCHR(os.stat(control).st_mode)):
+            missing.append("device-mapper (/dev/mapper/control)")
+        return missing
+
+
+_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -1,0 +1,156 @@
+"""Per-volume journal records on tmpfs, written atomically, plus per-volume locks.
+
+A record says which volume exists on this node and whether its publish finished. It never holds
+key material. Object names (mapping, backing file, header) derive from a hash of the volume id, so
+the record does not need to store them and a lost record cannot hide an object from the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from csi.errors import Aborted, Internal
+from csi.params import VolumeSpec
+
+CREATING = "creating"
+PUBLISHED = "published"
+MAPPING_PREFIX = "luks-eph-"
+
+
+def volume_digest(volume_id: str) -> str:
+    """Stable short name for a volume: safe in paths and dm names, unique in practice."""
+    return hashlib.sha256(volume_id.encode()).hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class Names:
+    """Where a volume's objects live; derived only from the volume id and the config dirs."""
+
+    volume_id: str
+    digest: str
+    mapping: str
+    backing: str
+    header: str
+
+    @classmethod
+    def of(cls, volume_id: str, data_dir: str, state_dir: str) -> Names:
+        digest = volume_digest(volume_id)
+        return cls(
+            volume_id=volume_id,
+            digest=digest,
+            mapping=MAPPING_PREFIX + digest,
+            backing=os.path.join(data_dir, f"{digest}.img"),
+            header=os.path.join(state_dir, "headers", f"{digest}.hdr"),
+        )
+
+    @property
+    def mapper_device(self) -> str:
+        return f"/dev/mapper/{self.mapping}"
+
+
+@dataclass
+class Record:
+    volume_id: str
+    state: str
+    spec: VolumeSpec
+    target_path: str
+    pod: dict[str, str] = field(default_factory=dict)
+    created_at: float = 0.0
+    step: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["spec"] = self.spec.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Record:
+        data = dict(data)
+        data["spec"] = VolumeSpec.from_json(data["spec"])
+        return cls(**data)
+
+
+class Journal:
+    """Records under ``<state_dir>/volumes``: one JSON file per volume, atomic replace."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.dir = os.path.join(state_dir, "volumes")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.makedirs(os.path.join(state_dir, "headers"), mode=0o700, exist_ok=True)
+
+    def _path(self, volume_id: str) -> str:
+        return os.path.join(self.dir, f"{volume_digest(volume_id)}.json")
+
+    def write(self, record: Record) -> None:
+        path = self._path(record.volume_id)
+        tmp = f"{path}.tmp.{threading.get_ident()}"
+        data = json.dumps(record.to_json(), sort_keys=True).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dir_fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def load(self, volume_id: str) -> Record | None:
+        return self._read(self._path(volume_id))
+
+    def _read(self, path: str) -> Record | None:
+        try:
+            with open(path, "rb") as f:
+                return Record.from_json(json.load(f))
+        except FileNotFoundError:
+            return None
+        except (ValueError, TypeError, KeyError) as exc:
+            raise Internal(f"journal record {path} is unreadable: {exc}") from None
+
+    def delete(self, volume_id: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(volume_id))
+
+    def all(self) -> list[Record]:
+        records = []
+        for name in sorted(os.listdir(self.dir)):
+            path = os.path.join(self.dir, name)
+            if ".tmp." in name:  # a write that crashed before its rename
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                continue
+            if name.endswith(".json"):
+                record = self._read(path)
+                if record is not None:
+                    records.append(record)
+        return records
+
+
+class VolumeLocks:
+    """One lock per volume id; a second caller gets ABORTED instead of waiting."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._held: set[str] = set()
+
+    @contextlib.contextmanager
+    def hold(self, volume_id: str) -> Iterator[None]:
+        with self._guard:
+            if volume_id in self._held:
+                raise Aborted(f"an operation on volume {volume_id} is already in progress; retry")
+            self._held.add(volume_id)
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._held.discard(volume_id)

@@ -1,0 +1,197 @@
+"""Volume parameters: parse and validate what the CO sends (inline attributes or SC parameters).
+
+Everything here is pure: a request's raw maps go in, a frozen VolumeSpec or an InvalidArgument
+naming the offending key comes out.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from csi.errors import InvalidArgument
+
+MiB = 1024**2
+ALIGN = MiB  # backing files are whole MiB: a multiple of the 4096-byte sector
+ATTACHED_HEADER_BYTES = MiB  # our compact LUKS2 metadata + keyslots, aligned to 1 MiB
+XFS_MIN_BYTES = 300 * MiB  # mkfs.xfs refuses smaller filesystems
+
+_SUFFIXES: dict[str, int] = {
+    "": 1,
+    "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+_QUANTITY = re.compile(r"^\+?(\d+(?:\.\d+)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+
+CO_PREFIX = "csi.storage.k8s.io/"
+CHOICES: dict[str, tuple[str, ...]] = {
+    "backing": ("loop", "qcow2"),
+    "preallocate": ("true", "false"),
+    "integrity": ("none", "hmac-sha256"),
+    "header": ("detached", "attached"),
+    "cipher": ("aes-xts-plain64", "xchacha12,aes-adiantum-plain64"),
+}
+DEFAULTS = {
+    "size": "1Gi",
+    "backing": "loop",
+    "preallocate": "false",
+    "integrity": "none",
+    "header": "detached",
+    "cipher": "aes-xts-plain64",
+}
+FS_TYPES = ("ext4", "xfs")
+DEFAULT_FS = "ext4"
+
+# Mount flags a pod may ask for. nosuid,nodev are always added; suid/dev/exec-enabling or
+# remount-style flags are refused so a pod cannot weaken the node's protections.
+_SAFE_FLAGS = frozenset(
+    {
+        "noatime", "relatime", "strictatime", "nodiratime", "lazytime", "noexec",
+        "sync", "dirsync", "discard", "nodiscard", "ro", "rw", "nosuid", "nodev",
+    }
+)  # fmt: skip
+_SAFE_VALUED = re.compile(r"^(commit|data|barrier|inode64|logbsize|allocsize)=[A-Za-z0-9]+$")
+
+
+def parse_quantity(text: str) -> int:
+    """A Kubernetes quantity as whole bytes, rounded up; e.g. ``512Mi``, ``10Gi``, ``1G``."""
+    match = _QUANTITY.match(text.strip())
+    if not match:
+        raise InvalidArgument(
+            f"{text!r} is not a size; use a Kubernetes quantity such as 512Mi, 10Gi or 1G"
+        )
+    number, suffix = match.group(1), match.group(2) or ""
+    try:
+        value = Decimal(number) * _SUFFIXES[suffix]
+    except InvalidOperation:  # pragma: no cover - regex already guards this
+        raise InvalidArgument(f"{text!r} is not a size") from None
+    whole = int(value.to_integral_value(rounding="ROUND_CEILING"))
+    return whole
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return -(-n // align) * align
+
+
+def format_bytes(n: int) -> str:
+    for unit, size in (("Ti", 2**40), ("Gi", 2**30), ("Mi", 2**20), ("Ki", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class VolumeSpec:
+    """Everything that defines a volume's shape; two publishes are compatible iff equal."""
+
+    size: int
+    backing: str = "loop"
+    preallocate: bool = False
+    integrity: str = "none"
+    header: str = "detached"
+    cipher: str = "aes-xts-plain64"
+    fs_type: str = DEFAULT_FS
+    access_type: str = "mount"  # mount | block
+    mount_flags: tuple[str, ...] = ()
+    readonly: bool = False
+    mount_group: str = ""
+
+    @property
+    def backing_bytes(self) -> int:
+        """Bytes of the backing file: the volume plus an attached header's area."""
+        extra = ATTACHED_HEADER_BYTES if self.header == "attached" else 0
+        return self.size + extra
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["mount_flags"] = list(self.mount_flags)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VolumeSpec:
+        data = dict(data)
+        data["mount_flags"] = tuple(data.get("mount_flags", ()))
+        return cls(**data)
+
+
+def parse_attributes(attributes: dict[str, str], *, min_size: int, max_size: int) -> dict[str, Any]:
+    """Validate volume attributes / SC parameters; return the typed fields of a VolumeSpec."""
+    unknown = sorted(k for k in attributes if k not in DEFAULTS and not k.startswith(CO_PREFIX))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown volume parameter {unknown[0]!r}; supported: {', '.join(sorted(DEFAULTS))}"
+        )
+    values = {**DEFAULTS, **{k: v for k, v in attributes.items() if k in DEFAULTS}}
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            raise InvalidArgument(
+                f"parameter {key}={values[key]!r} is not supported; use one of {', '.join(allowed)}"
+            )
+    try:
+        size = parse_quantity(values["size"])
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"parameter size: {exc}") from None
+    size = round_up(size)
+    if size < min_size:
+        raise InvalidArgument(
+            f"parameter size={values['size']} is below this node's minimum {format_bytes(min_size)}"
+        )
+    if size > max_size:
+        raise InvalidArgument(
+            f"parameter size={values['size']} is above this node's maximum {format_bytes(max_size)}"
+        )
+    return {
+        "size": size,
+        "backing": values["backing"],
+        "preallocate": values["preallocate"] == "true",
+        "integrity": values["integrity"],
+        "header": values["header"],
+        "cipher": values["cipher"],
+    }
+
+
+def validate_fs_type(fs_type: str) -> str:
+    fs = fs_type or DEFAULT_FS
+    if fs not in FS_TYPES:
+        raise InvalidArgument(f"fs type {fs!r} is not supported; use one of {', '.join(FS_TYPES)}")
+    return fs
+
+
+def validate_mount_flags(flags: list[str]) -> tuple[str, ...]:
+    """Split comma-joined flags, refuse unknown or privilege-raising ones, keep order, dedupe."""
+    result: list[str] = []
+    for entry in flags:
+        for flag in entry.split(","):
+            flag = flag.strip()
+            if not flag:
+                continue
+            if flag not in _SAFE_FLAGS and not _SAFE_VALUED.match(flag):
+                raise InvalidArgument(
+                    f"mount flag {flag!r} is not allowed; allowed: {', '.join(sorted(_SAFE_FLAGS))}"
+                )
+            if flag not in result:
+                result.append(flag)
+    return tuple(result)
+
+
+def validate_mount_group(group: str) -> str:
+    if group and not group.isdigit():
+        raise InvalidArgument(f"volume_mount_group {group!r} must be a numeric group id")
+    return group
+
+
+def check_combination(spec: VolumeSpec) -> None:
+    """Rules across parameters, with the reason a person needs to fix the request."""
+    if spec.backing == "qcow2":
+        raise InvalidArgument(
+            "parameter backing=qcow2 is not supported by this driver version yet; use backing=loop"
+        )
+    if spec.integrity != "none" and spec.cipher != "aes-xts-plain64":
+        raise InvalidArgument(f"integrity={spec.integrity} works only with cipher=aes-xts-plain64")
+    if spec.fs_type == "xfs" and spec.access_type == "mount" and spec.size < XFS_MIN_BYTES:
+        raise InvalidArgument(
+            f"xfs needs at least 300Mi; size={format_bytes(spec.size)} is too small: "
+            "ask for size 300Mi or more, or use ext4"
+        )

@@ -1,0 +1,1 @@
+"""Developer and admin tools that talk to the driver from outside."""

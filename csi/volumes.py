@@ -1,0 +1,443 @@
+"""The volume lifecycle and the start-up reconciler.
+
+No grpc and no subprocess here: requests arrive as plain dataclasses, the OS is reached only
+through a ``Host``, and failures are domain errors. Every step first checks whether it is already
+done, so any operation can be repeated after a crash at any point.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from csi.config import Config
+from csi.errors import (
+    AlreadyExists,
+    DriverError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from csi.host import FsStats, Host, LuksFormat
+from csi.journal import CREATING, MAPPING_PREFIX, PUBLISHED, Journal, Names, Record, VolumeLocks
+from csi.keys import PASSPHRASE_BYTES, KeySource, random_key
+from csi.params import VolumeSpec, format_bytes
+
+log = logging.getLogger(__name__)
+
+VOLUME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+BACKING_FILE = re.compile(r"^([0-9a-f]{32})\.img$")
+HEADER_FILE = re.compile(r"^([0-9a-f]{32})\.hdr$")
+
+PUBLISH_STEPS = ("reserve", "create_backing", "attach", "format", "open", "mkfs", "mount",
+                 "record")  # fmt: skip
+StepHook = Callable[[str], None]
+StepObserver = Callable[[str, float, bool], None]
+
+
+@dataclass(frozen=True)
+class PublishRequest:
+    volume_id: str
+    target_path: str
+    spec: VolumeSpec
+    pod: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class VolumeHealth:
+    abnormal: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    usage: FsStats | None
+    health: VolumeHealth
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    record: Record
+    names: Names
+    allocated_bytes: int
+    loop_device: str | None
+    mapping_open: bool
+    mounted: bool
+
+
+@dataclass
+class ReconcileReport:
+    rolled_back: list[str] = field(default_factory=list)
+    orphans_removed: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def count(self, reason: str) -> None:
+        self.orphans_removed[reason] = self.orphans_removed.get(reason, 0) + 1
+
+
+def key_bits(spec: VolumeSpec) -> int:
+    """Volume key size: AES-256-XTS needs 512 bits, Adiantum 256, HMAC-SHA256 adds 256."""
+    bits = 512 if spec.cipher == "aes-xts-plain64" else 256
+    return bits + (256 if spec.integrity == "hmac-sha256" else 0)
+
+
+class Volumes:
+    """Publishes and tears down volumes on this node; thread-safe with per-volume locks."""
+
+    def __init__(
+        self,
+        config: Config,
+        host: Host,
+        journal: Journal | None = None,
+        *,
+        key_source: KeySource = random_key,
+        after_step: StepHook | None = None,
+        observe: StepObserver | None = None,
+    ) -> None:
+        self.config = config
+        self.host = host
+        self.journal = journal or Journal(config.state_dir)
+        self.key_source = key_source
+        self.after_step = after_step or (lambda step: None)
+        self.observe = observe or (lambda step, seconds, ok: None)
+        self.locks = VolumeLocks()
+        self._capacity = threading.Lock()
+
+    # validation --------------------------------------------------------------------------
+    def names(self, volume_id: str) -> Names:
+        return Names.of(volume_id, self.config.data_dir, self.config.state_dir)
+
+    @staticmethod
+    def check_volume_id(volume_id: str) -> None:
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        if not VOLUME_ID.match(volume_id):
+            raise InvalidArgument(
+                f"volume_id {volume_id[:140]!r} is not valid: use 1-128 characters "
+                "[A-Za-z0-9._-], starting with a letter or digit (no path separators)"
+            )
+
+    def check_target(self, target: str, what: str = "target_path") -> None:
+        """The target must lie under the kubelet root, with no '..' and no symlink escape."""
+        if not target:
+            raise InvalidArgument(f"{what} is required")
+        root = self.config.kubelet_root.rstrip("/")
+        if not target.startswith("/") or os.path.normpath(target) != target or "\0" in target:
+            raise InvalidArgument(
+                f"{what} {target!r} must be an absolute, normalised path (no '..', '//' or "
+                "trailing '/')"
+            )
+        if not target.startswith(root + "/"):
+            raise InvalidArgument(f"{what} {target!r} is outside the kubelet root {root}")
+        real_root = self.host.realpath(root)
+        real_parent = self.host.realpath(os.path.dirname(target))
+        if real_parent != real_root and not real_parent.startswith(real_root + "/"):
+            raise InvalidArgument(f"{what} {target!r} escapes the kubelet root through a symlink")
+        if self.host.is_symlink(target):
+            raise InvalidArgument(f"{what} {target!r} is a symlink; refusing to mount over it")
+
+    # steps -------------------------------------------------------------------------------
+    @contextmanager
+    def _step(self, name: str) -> Iterator[None]:
+        start = time.monotonic()
+        ok = False
+        try:
+            yield
+            ok = True
+        finally:
+            self.observe(name, time.monotonic() - start, ok)
+        self.after_step(name)
+
+    # publish -----------------------------------------------------------------------------
+    def publish(self, request: PublishRequest) -> None:
+        self.check_volume_id(request.volume_id)
+        self.check_target(request.target_path)
+        with self.locks.hold(request.volume_id):
+            record = self.journal.load(request.volume_id)
+            if record is not None and record.state == PUBLISHED:
+                self._republish(record, request)
+                return
+            if record is not None:  # an earlier attempt died half-way: start clean
+                self._teardown(self.names(request.volume_id), record.target_path)
+            self._create(request)
+
+    def _republish(self, record: Record, request: PublishRequest) -> None:
+        """Same request again: OK if identical and healthy; ALREADY_EXISTS if incompatible."""
+        if record.target_path != request.target_path:
+            raise AlreadyExists(
+                f"volume {request.volume_id} is already published at {record.target_path}; "
+                "an ephemeral volume has exactly one target"
+            )
+        if record.spec != request.spec:
+            raise AlreadyExists(
+                f"volume {request.volume_id} is already published with different capability, "
+                "readonly flag or parameters"
+            )
+        names = self.names(request.volume_id)
+        if self.host.mount_source(request.target_path) == names.mapper_device:
+            return
+        if not self.host.crypt_exists(names.mapping):
+            raise FailedPrecondition(
+                f"volume {request.volume_id} lost its encrypted mapping, so its data is gone; "
+                "delete the pod to get a fresh volume"
+            )
+        self._mount(names, request)
+
+    def _create(self, request: PublishRequest) -> None:
+        names = self.names(request.volume_id)
+        spec = request.spec
+        record = Record(
+            volume_id=request.volume_id,
+            state=CREATING,
+            spec=spec,
+            target_path=request.target_path,
+            pod=dict(request.pod),
+            created_at=time.time(),
+        )
+        try:
+            with self._step("reserve"):
+                self._reserve(record)
+            with self._step("create_backing"):
+                if not self.host.exists(names.backing):
+                    self.host.create_backing(names.backing, spec.backing_bytes, spec.preallocate)
+            with self._step("attach"):
+                device = self.host.loop_find(names.backing) or self.host.loop_attach(names.backing)
+            if not self.host.crypt_exists(names.mapping):
+                self._format_and_open(names, spec, device)
+            with self._step("mkfs"):  # always: never trust what is on the device
+                self.host.mkfs(names.mapper_device, spec.fs_type)
+            with self._step("mount"):
+                self._mount(names, request)
+            with self._step("record"):
+                record.state = PUBLISHED
+                record.step = "published"
+                self.journal.write(record)
+        except DriverError:
+            self._rollback(names, request.target_path)
+            raise
+        except Exception:
+            log.exception("publish of %s failed unexpectedly", request.volume_id)
+            self._rollback(names, request.target_path)
+            raise
+
+    def _format_and_open(self, names: Names, spec: VolumeSpec, device: str) -> None:
+        """Format with a fresh key and open it; the key is zeroed when this returns."""
+        header = names.header if spec.header == "detached" else None
+        options = LuksFormat(spec.cipher, key_bits(spec), spec.integrity, header)
+        with self.key_source(PASSPHRASE_BYTES) as key:
+            with self._step("format"):
+                self.host.luks_format(device, key, options)
+            with self._step("open"):
+                self.host.crypt_open(device, names.mapping, key, header)
+
+    def _mount(self, names: Names, request: PublishRequest) -> None:
+        spec = request.spec
+        self.host.make_dir(request.target_path)
+        options = ["nosuid", "nodev", *(f for f in spec.mount_flags if f not in ("ro", "rw"))]
+        readonly = spec.readonly or "ro" in spec.mount_flags
+        if not readonly:
+            # fix the root's owner/mode on a writable mount first, then remount as asked
+            self.host.mount(
+                names.mapper_device, request.target_path, spec.fs_type, ["rw", *options]
+            )
+            self.host.set_volume_root(
+                request.target_path, int(spec.mount_group) if spec.mount_group else None
+            )
+        else:
+            self.host.mount(
+                names.mapper_device, request.target_path, spec.fs_type, ["ro", *options]
+            )
+
+    def _reserve(self, record: Record) -> None:
+        """Count the volume against the node's limits and write its record atomically."""
+        need = record.spec.backing_bytes
+        with self._capacity:
+            others = [r for r in self.journal.all() if r.volume_id != record.volume_id]
+            if len(others) >= self.config.max_volumes:
+                raise ResourceExhausted(
+                    f"this node already has {len(others)} volumes, its limit "
+                    f"(--max-volumes={self.config.max_volumes})"
+                )
+            reserved = sum(r.spec.backing_bytes for r in others)
+            budget = self.config.capacity
+            if budget and reserved + need > budget:
+                raise ResourceExhausted(
+                    f"volume of {format_bytes(need)} does not fit in this node's budget: "
+                    f"{format_bytes(budget - reserved)} of {format_bytes(budget)} left; "
+                    "ask for a smaller size or schedule the pod elsewhere"
+                )
+            promised = sum(self._unallocated(r) for r in others)
+            free = self.host.free_bytes(self.config.data_dir)
+            if need + promised > free:
+                raise ResourceExhausted(
+                    f"volume of {format_bytes(need)} does not fit in the data dir "
+                    f"{self.config.data_dir}: {free // 2**20} MiB free, "
+                    f"{promised // 2**20} MiB already promised to other volumes"
+                )
+            self.journal.write(record)
+
+    def _unallocated(self, record: Record) -> int:
+        """Bytes a sparse volume may still claim from the data dir's free space."""
+        allocated = self.host.allocated_bytes(self.names(record.volume_id).backing)
+        return max(0, record.spec.backing_bytes - allocated)
+
+    # unpublish ---------------------------------------------------------------------------
+    def unpublish(self, volume_id: str, target_path: str) -> None:
+        self.check_volume_id(volume_id)
+        self.check_target(target_path)
+        with self.locks.hold(volume_id):
+            names = self.names(volume_id)
+            record = self.journal.load(volume_id)
+            if record is not None and record.target_path != target_path:
+                # not this volume's target: release only a mount of ours there, if any
+                if self.host.mount_source(target_path) == names.mapper_device:
+                    self.host.umount(target_path)
+                return
+            self._teardown(names, target_path)
+
+    def _rollback(self, names: Names, target: str) -> None:
+        try:
+            self._teardown(names, target)
+        except Exception:
+            log.exception(
+                "rollback of %s left objects behind; start-up will retry", names.volume_id
+            )
+
+    def _teardown(self, names: Names, target: str) -> None:
+        """Unmount, close (wiping the key), detach, delete; each step only if still needed."""
+        with self._step("unmount"):
+            if target and self.host.mount_source(target) is not None:
+                self.host.umount(target)
+            if target:
+                self.host.remove_dir(target)
+        with self._step("close"):
+            still = self.host.mountpoints_of(names.mapper_device)
+            if still:
+                raise FailedPrecondition(
+                    f"mapping of volume {names.volume_id} is still mounted at {', '.join(still)}; "
+                    "it stays open"
+                )
+            self.host.crypt_close(names.mapping)
+        with self._step("detach"):
+            device = self.host.loop_find(names.backing)
+            if device:
+                self.host.loop_detach(device)
+        with self._step("delete"):
+            self.host.remove_file(names.backing)
+            self.host.remove_file(names.header)
+        with self._step("forget"):
+            self.journal.delete(names.volume_id)
+
+    # stats -------------------------------------------------------------------------------
+    def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
+        self.check_volume_id(volume_id)
+        if not volume_path:
+            raise InvalidArgument("volume_path is required")
+        record = self.journal.load(volume_id)
+        if record is None or record.state != PUBLISHED:
+            raise NotFound(f"volume {volume_id} is not published on this node")
+        if record.target_path != volume_path:
+            raise NotFound(f"volume {volume_id} is not published at {volume_path}")
+        names = self.names(volume_id)
+        health = self.health(names, record)
+        usage = self.host.fs_stats(volume_path) if self._mounted(names, record) else None
+        return VolumeStats(usage, health)
+
+    def _mounted(self, names: Names, record: Record) -> bool:
+        return self.host.mount_source(record.target_path) == names.mapper_device
+
+    def health(self, names: Names, record: Record) -> VolumeHealth:
+        problems = []
+        if not self.host.exists(names.backing):
+            problems.append(f"backing file {names.backing} is gone")
+        elif self.host.loop_find(names.backing) is None:
+            problems.append("loop device is detached")
+        if not self.host.crypt_exists(names.mapping):
+            problems.append(f"mapping {names.mapping} is closed")
+        elif not self._mounted(names, record):
+            problems.append(f"filesystem is not mounted at {record.target_path}")
+        elif (errors := self.host.fs_error_count(names.mapper_device)) > 0:
+            problems.append(f"filesystem has recorded {errors} errors")
+        if problems:
+            return VolumeHealth(True, "; ".join(problems))
+        return VolumeHealth(False, "volume is healthy")
+
+    # admin view --------------------------------------------------------------------------
+    def list(self) -> list[VolumeInfo]:
+        result = []
+        for record in self.journal.all():
+            names = self.names(record.volume_id)
+            result.append(
+                VolumeInfo(
+                    record=record,
+                    names=names,
+                    allocated_bytes=self.host.allocated_bytes(names.backing),
+                    loop_device=self.host.loop_find(names.backing),
+                    mapping_open=self.host.crypt_exists(names.mapping),
+                    mounted=self._mounted(names, record),
+                )
+            )
+        return result
+
+    # start-up ----------------------------------------------------------------------------
+    def reconcile(self) -> ReconcileReport:
+        """Roll back half-done publishes and remove objects no record accounts for."""
+        report = ReconcileReport()
+        known: set[str] = set()
+        for record in self.journal.all():
+            names = self.names(record.volume_id)
+            if record.state == PUBLISHED:
+                known.add(names.digest)
+                continue
+            try:
+                with self.locks.hold(record.volume_id):
+                    self._teardown(names, record.target_path)
+                report.rolled_back.append(record.volume_id)
+            except DriverError as exc:
+                known.add(names.digest)
+                report.failures.append(f"{record.volume_id}: {exc}")
+        self._remove_orphans(known, report)
+        return report
+
+    def _remove_orphans(self, known: set[str], report: ReconcileReport) -> None:
+        data_dir = self.config.data_dir
+        for name in self.host.list_dir(data_dir):
+            match = BACKING_FILE.match(name)
+            if not match or match.group(1) in known:
+                continue
+            mapping = MAPPING_PREFIX + match.group(1)
+            if self.host.mountpoints_of(f"/dev/mapper/{mapping}"):
+                report.failures.append(f"{name}: no record but still mounted; left alone")
+                continue
+            path = os.path.join(data_dir, name)
+            try:
+                self.host.crypt_close(mapping)
+                device = self.host.loop_find(path)
+                if device:
+                    self.host.loop_detach(device)
+                self.host.remove_file(path)
+                report.count("backing_without_record")
+            except DriverError as exc:
+                report.failures.append(f"{name}: {exc}")
+        for mapping in self.host.crypt_names(MAPPING_PREFIX):
+            digest = mapping[len(MAPPING_PREFIX) :]
+            if digest in known or self.host.mountpoints_of(f"/dev/mapper/{mapping}"):
+                continue
+            try:
+                self.host.crypt_close(mapping)
+                report.count("mapping_without_record")
+            except DriverError as exc:
+                report.failures.append(f"{mapping}: {exc}")
+        header_dir = os.path.join(self.config.state_dir, "headers")
+        for name in self.host.list_dir(header_dir):
+            match = HEADER_FILE.match(name)
+            if match and match.group(1) not in known:
+                self.host.remove_file(os.path.join(header_dir, name))
+                report.count("header_without_record")
