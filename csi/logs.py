@@ -23,11 +23,11 @@ def sanitize(message: Message) -> dict[str, Any]:
             out[field.name] = STRIPPED
         elif field.message_type is not None and field.message_type.GetOptions().map_entry:
             out[field.name] = {k: _plain(v) for k, v in value.items()}
-        elif field.message_type is not None and field.label == field.LABEL_REPEATED:
+        elif field.message_type is not None and field.is_repeated:
             out[field.name] = [sanitize(v) for v in value]
         elif field.message_type is not None:
             out[field.name] = sanitize(value)
-        elif field.label == field.LABEL_REPEATED:
+        elif field.is_repeated:
             out[field.name] = list(value)
         else:
             out[field.name] = value
