@@ -1,0 +1,37 @@
+# luks-ephemeral-csi: the two commands a newcomer runs are `make demo` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: venv lint test test-unit test-node demo proto clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
+test-unit: venv
+	$(PY) -m pytest -q tests/unit
+
+# The real-kernel tier: directly where this kernel has device-mapper, else inside a VM.
+test-node: venv
+	$(PY) tools/vmrun.py -- $(PY) -m pytest -q -p no:cacheprovider tests/node
+
+test: lint test-unit test-node
+
+demo: venv
+	$(PY) tools/vmrun.py -- $(PY) tools/demo.py
+
+proto: venv
+	$(PY) tools/gen_proto.py
+
+clean:
+	rm -rf $(VENV) .vmrun .mypy_cache .ruff_cache .pytest_cache
