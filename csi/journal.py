@@ -121,14 +121,18 @@ class Journal:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(volume_id))
 
+    def remove_partial_writes(self) -> None:
+        """Delete temp files of writes that crashed before their rename (start-up only: at run
+        time such a file may belong to a write in progress)."""
+        for name in os.listdir(self.dir):
+            if ".tmp." in name:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.dir, name))
+
     def all(self) -> list[Record]:
         records = []
         for name in sorted(os.listdir(self.dir)):
             path = os.path.join(self.dir, name)
-            if ".tmp." in name:  # a write that crashed before its rename
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-                continue
             if name.endswith(".json"):
                 record = self._read(path)
                 if record is not None:

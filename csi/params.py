@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
 from typing import Any
 
 from csi.errors import InvalidArgument
@@ -63,12 +63,13 @@ def parse_quantity(text: str) -> int:
             f"{text!r} is not a size; use a Kubernetes quantity such as 512Mi, 10Gi or 1G"
         )
     number, suffix = match.group(1), match.group(2) or ""
-    try:
-        value = Decimal(number) * _SUFFIXES[suffix]
-    except InvalidOperation:  # pragma: no cover - regex already guards this
-        raise InvalidArgument(f"{text!r} is not a size") from None
-    whole = int(value.to_integral_value(rounding="ROUND_CEILING"))
-    return whole
+    with localcontext() as exact:
+        exact.prec = len(number) + 40  # enough digits that nothing is ever rounded
+        try:
+            value = Decimal(number) * _SUFFIXES[suffix]
+        except InvalidOperation:  # pragma: no cover - regex already guards this
+            raise InvalidArgument(f"{text!r} is not a size") from None
+        return int(value.to_integral_value(rounding=ROUND_CEILING))
 
 
 def round_up(n: int, align: int = ALIGN) -> int:
@@ -177,8 +178,10 @@ def validate_mount_flags(flags: list[str]) -> tuple[str, ...]:
 
 
 def validate_mount_group(group: str) -> str:
-    if group and not group.isdigit():
-        raise InvalidArgument(f"volume_mount_group {group!r} must be a numeric group id")
+    if group and not (re.fullmatch(r"[0-9]{1,10}", group) and int(group) < 2**32 - 1):
+        raise InvalidArgument(
+            f"volume_mount_group {group[:40]!r} must be a numeric group id below 4294967295"
+        )
     return group
 
 

@@ -39,7 +39,19 @@ HEADER_FILE = re.compile(r"^([0-9a-f]{32})\.hdr$")
 PUBLISH_STEPS = ("reserve", "create_backing", "attach", "format", "open", "mkfs", "mount",
                  "record")  # fmt: skip
 StepHook = Callable[[str], None]
-StepObserver = Callable[[str, float, bool], None]
+
+
+class Events:
+    """What the lifecycle reports as it works; metrics subclass it, the default ignores it."""
+
+    def step(self, name: str, seconds: float, ok: bool) -> None:
+        """A lifecycle step finished (ok) or raised."""
+
+    def shredded(self) -> None:
+        """A volume's backing file and header were deleted: its data is gone for good."""
+
+    def orphan_removed(self, reason: str) -> None:
+        """Start-up removed an object no record accounts for."""
 
 
 @dataclass(frozen=True)
@@ -72,14 +84,25 @@ class VolumeInfo:
     mounted: bool
 
 
+@dataclass(frozen=True)
+class Usage:
+    budget: int
+    reserved: int
+    provisioned: int
+    allocated: int
+    data_dir_free: int
+    volumes: dict[tuple[str, str], int]
+
+
 @dataclass
 class ReconcileReport:
     rolled_back: list[str] = field(default_factory=list)
     orphans_removed: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
-    def count(self, reason: str) -> None:
+    def count(self, reason: str, events: Events) -> None:
         self.orphans_removed[reason] = self.orphans_removed.get(reason, 0) + 1
+        events.orphan_removed(reason)
 
 
 def key_bits(spec: VolumeSpec) -> int:
@@ -99,14 +122,14 @@ class Volumes:
         *,
         key_source: KeySource = random_key,
         after_step: StepHook | None = None,
-        observe: StepObserver | None = None,
+        events: Events | None = None,
     ) -> None:
         self.config = config
         self.host = host
         self.journal = journal or Journal(config.state_dir)
         self.key_source = key_source
         self.after_step = after_step or (lambda step: None)
-        self.observe = observe or (lambda step, seconds, ok: None)
+        self.events = events or Events()
         self.locks = VolumeLocks()
         self._capacity = threading.Lock()
 
@@ -118,7 +141,7 @@ class Volumes:
     def check_volume_id(volume_id: str) -> None:
         if not volume_id:
             raise InvalidArgument("volume_id is required")
-        if not VOLUME_ID.match(volume_id):
+        if not VOLUME_ID.fullmatch(volume_id):
             raise InvalidArgument(
                 f"volume_id {volume_id[:140]!r} is not valid: use 1-128 characters "
                 "[A-Za-z0-9._-], starting with a letter or digit (no path separators)"
@@ -152,7 +175,7 @@ class Volumes:
             yield
             ok = True
         finally:
-            self.observe(name, time.monotonic() - start, ok)
+            self.events.step(name, time.monotonic() - start, ok)
         self.after_step(name)
 
     # publish -----------------------------------------------------------------------------
@@ -313,7 +336,8 @@ class Volumes:
     def _teardown(self, names: Names, target: str) -> None:
         """Unmount, close (wiping the key), detach, delete; each step only if still needed."""
         with self._step("unmount"):
-            if target and self.host.mount_source(target) is not None:
+            # only our own mount: a stale or foreign mount at the path is not ours to remove
+            if target and self.host.mount_source(target) == names.mapper_device:
                 self.host.umount(target)
             if target:
                 self.host.remove_dir(target)
@@ -330,8 +354,11 @@ class Volumes:
             if device:
                 self.host.loop_detach(device)
         with self._step("delete"):
+            existed = self.host.exists(names.backing)
             self.host.remove_file(names.backing)
             self.host.remove_file(names.header)
+        if existed:
+            self.events.shredded()
         with self._step("forget"):
             self.journal.delete(names.volume_id)
 
@@ -369,6 +396,23 @@ class Volumes:
             return VolumeHealth(True, "; ".join(problems))
         return VolumeHealth(False, "volume is healthy")
 
+    def usage(self) -> Usage:
+        """Budget, reservations and real disk use, for metrics and GetCapacity."""
+        records = self.journal.all()
+        counts: dict[tuple[str, str], int] = {}
+        for r in records:
+            key = (r.spec.backing, r.spec.access_type)
+            counts[key] = counts.get(key, 0) + 1
+        return Usage(
+            budget=self.config.capacity,
+            reserved=sum(r.spec.backing_bytes for r in records),
+            provisioned=sum(r.spec.size for r in records),
+            allocated=sum(self.host.allocated_bytes(self.names(r.volume_id).backing)
+                          for r in records),
+            data_dir_free=self.host.free_bytes(self.config.data_dir),
+            volumes=counts,
+        )  # fmt: skip
+
     # admin view --------------------------------------------------------------------------
     def list(self) -> list[VolumeInfo]:
         result = []
@@ -390,6 +434,7 @@ class Volumes:
     def reconcile(self) -> ReconcileReport:
         """Roll back half-done publishes and remove objects no record accounts for."""
         report = ReconcileReport()
+        self.journal.remove_partial_writes()
         known: set[str] = set()
         for record in self.journal.all():
             names = self.names(record.volume_id)
@@ -415,6 +460,7 @@ class Volumes:
             mapping = MAPPING_PREFIX + match.group(1)
             if self.host.mountpoints_of(f"/dev/mapper/{mapping}"):
                 report.failures.append(f"{name}: no record but still mounted; left alone")
+                known.add(match.group(1))  # keep its header too: unpublish will need nothing
                 continue
             path = os.path.join(data_dir, name)
             try:
@@ -423,7 +469,7 @@ class Volumes:
                 if device:
                     self.host.loop_detach(device)
                 self.host.remove_file(path)
-                report.count("backing_without_record")
+                report.count("backing_without_record", self.events)
             except DriverError as exc:
                 report.failures.append(f"{name}: {exc}")
         for mapping in self.host.crypt_names(MAPPING_PREFIX):
@@ -432,12 +478,21 @@ class Volumes:
                 continue
             try:
                 self.host.crypt_close(mapping)
-                report.count("mapping_without_record")
+                report.count("mapping_without_record", self.events)
             except DriverError as exc:
                 report.failures.append(f"{mapping}: {exc}")
+        for device, backing in self.host.loops_in(data_dir).items():
+            match = BACKING_FILE.match(os.path.basename(backing))
+            if not match or match.group(1) in known:
+                continue
+            try:
+                self.host.loop_detach(device)  # its file was deleted while a mapping held it
+                report.count("loop_without_record", self.events)
+            except DriverError as exc:
+                report.failures.append(f"{device}: {exc}")
         header_dir = os.path.join(self.config.state_dir, "headers")
         for name in self.host.list_dir(header_dir):
             match = HEADER_FILE.match(name)
             if match and match.group(1) not in known:
                 self.host.remove_file(os.path.join(header_dir, name))
-                report.count("header_without_record")
+                report.count("header_without_record", self.events)

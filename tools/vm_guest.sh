@@ -25,6 +25,11 @@ finish() {
 }
 
 : > "$SETUP_LOG"
+# Settings from vmrun.py (VMRUN_SCRATCH: serial of the scratch disk, if any).
+VMRUN_SCRATCH=
+if [ -f "$RESULT_DIR/guest.env" ]; then
+    . "$RESULT_DIR/guest.env"
+fi
 echo "boot_done $(uptime_s)" > "$RESULT_DIR/times"
 note "kernel $(uname -r), uptime at start $(uptime_s) s"
 
@@ -43,23 +48,59 @@ fi
 rm -f /run/.vm_guest_probe
 mkdir -p /run/cryptsetup /run/lock
 
-# Kernel modules: the stock kernel ships them all as modules.
-for mod in dm_mod dm_crypt dm_integrity loop; do
-    modprobe "$mod" >> "$SETUP_LOG" 2>&1 || note "modprobe $mod failed"
-done
-modprobe nbd nbds_max=32 >> "$SETUP_LOG" 2>&1 || note "modprobe nbd failed"
+# Scratch disk (vmrun.py --scratch: a sparse host file that vng attaches as a virtio-blk disk
+# whose serial is the file's path, cut to 20 characters): a real ext4 on /tmp. The default
+# /tmp is an overlay on tmpfs, and tmpfs in this kernel has no O_DIRECT, so
+# `losetup --direct-io=on` on a file there fails with EINVAL; on ext4 it works, as on a real
+# node. It hides the host's /tmp inside the guest.
+# Made in the background while the modules load (both are slow under emulation).
+setup_scratch() {
+    if [ -n "$VMRUN_SCRATCH" ]; then
+        dev=
+        i=0
+        while [ -z "$dev" ] && [ "$i" -lt 60 ]; do
+            for b in /sys/block/vd* /sys/block/sd*; do
+                if [ -e "$b/serial" ] && [ "$(cat "$b/serial")" = "$VMRUN_SCRATCH" ]; then
+                    dev=/dev/${b##*/}
+                fi
+            done
+            [ -n "$dev" ] || { i=$((i + 1)); sleep 0.5; }
+        done
+        note "scratch disk search done (${dev:-none}), uptime $(uptime_s) s"
+        if [ -z "$dev" ]; then
+            note "scratch disk $VMRUN_SCRATCH not found: /tmp stays on tmpfs (no O_DIRECT)"
+        elif mkfs.ext4 -q -F -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard "$dev" \
+                >> "$SETUP_LOG" 2>&1 && mount -o noatime "$dev" /tmp; then
+            chmod 1777 /tmp
+            note "scratch ext4 on $dev mounted on /tmp, uptime $(uptime_s) s"
+        else
+            note "could not make or mount the scratch ext4 on $dev"
+        fi
+    fi
+}
+setup_scratch &
+scratch_pid=$!
 
-# No udevd runs in the guest. libdevmapper notices that by itself (no /run/udev/control) and
-# creates the /dev/mapper nodes directly, so cryptsetup does not hang; saying so explicitly
-# keeps it that way even if a udev control socket ever shows up without a daemon behind it.
-export DM_DISABLE_UDEV=1
+# Kernel modules: the stock kernel ships them all as modules.
+modprobe -a dm_mod dm_crypt dm_integrity loop >> "$SETUP_LOG" 2>&1 || note "modprobe -a failed"
+modprobe nbd nbds_max=32 >> "$SETUP_LOG" 2>&1 || note "modprobe nbd failed"
+for mod in dm_mod dm_crypt dm_integrity loop nbd; do
+    [ -d "/sys/module/$mod" ] || note "module $mod is not loaded"
+done
+
+# udev: virtme-ng's init starts systemd-udevd (when the host has it), so libdevmapper's udev
+# sync works and /dev/mapper/NAME is udev's symlink to ../dm-N. Without a udevd (no
+# /run/udev/control) libdevmapper falls back to creating the block node itself. Neither case
+# hangs, so nothing is forced here: pass --env DM_DISABLE_UDEV=1 to vmrun.py to test that mode.
+if [ -S /run/udev/control ]; then note "udevd is running"; else note "no udevd"; fi
 if [ ! -c /dev/mapper/control ]; then
     # devtmpfs normally creates it when dm_mod loads; dmsetup can create it otherwise.
     dmsetup mknodes >> "$SETUP_LOG" 2>&1 || note "dmsetup mknodes failed"
 fi
 [ -c /dev/mapper/control ] || note "no /dev/mapper/control after modprobe dm_mod"
+note "modules loaded, uptime $(uptime_s) s"
 [ -e /dev/loop-control ] || note "no /dev/loop-control"
-note "dm targets: $(dmsetup targets 2>/dev/null | awk '{print $1}' | tr '\n' ' ')"
+wait "$scratch_pid"
 
 export VMRUN_GUEST=1
 cd "$REPO" || { note "cannot cd to $REPO"; finish 125; }

@@ -54,6 +54,7 @@ REQUIRED_TOOLS = {
 HOST_MODULES = ("dm_mod", "dm_crypt", "dm_integrity", "loop", "nbd")
 ENV_PASSED_BY_DEFAULT = ("CI",)
 KEEP_RUN_DIRS = 20
+VIRTIO_SERIAL_MAX = 20  # virtio-blk serial length; vng uses the image's path as the serial
 EXIT_UNAVAILABLE = 2
 EXIT_NO_RESULT = 3
 
@@ -304,6 +305,7 @@ class VmOptions:
     timeout: float
     kvm: bool
     env: dict[str, str]
+    scratch_bytes: int
 
 
 def new_run_dir(repo: Path) -> Path:
@@ -392,6 +394,18 @@ def run_in_vm(cmd: list[str], repo: Path, log: Path | None, opts: VmOptions) -> 
     run_dir = new_run_dir(repo)
     write_cmd_script(run_dir, cmd, opts.env)
     guest_script = repo / "tools" / "vm_guest.sh"
+    disk_args: list[str] = []
+    scratch = run_dir / "scratch.img"
+    if opts.scratch_bytes > 0 and not any(c in str(scratch) for c in "=, \n"):
+        # Sparse: costs host disk only for what the guest writes; removed after the run.
+        # `vng --disk PATH` attaches it as a virtio-blk disk whose serial is PATH (cut short).
+        with scratch.open("wb") as f:
+            f.truncate(opts.scratch_bytes)
+        disk_args = ["--disk", str(scratch)]
+        serial = str(scratch)[:VIRTIO_SERIAL_MAX]
+        (run_dir / "guest.env").write_text(f"VMRUN_SCRATCH={shlex.quote(serial)}\n")
+    elif opts.scratch_bytes > 0:
+        say(f"no scratch disk: vng cannot take a path with '=', ',' or blanks ({scratch})")
     vng_cmd = [
         str(vng),
         "--run",
@@ -405,6 +419,7 @@ def run_in_vm(cmd: list[str], repo: Path, log: Path | None, opts: VmOptions) -> 
         str(repo),
         "--cwd",
         str(repo),
+        *disk_args,
         "--exec",
         shlex.join(["sh", str(guest_script), str(run_dir)]),
     ]
@@ -442,6 +457,7 @@ def run_in_vm(cmd: list[str], repo: Path, log: Path | None, opts: VmOptions) -> 
             raise
     elapsed = time.monotonic() - start
     streamer.pump()
+    scratch.unlink(missing_ok=True)
 
     if log is not None:
         try:
@@ -473,6 +489,15 @@ def run_in_vm(cmd: list[str], repo: Path, log: Path | None, opts: VmOptions) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """'4G', '512M', '0' -> bytes (binary units, as qemu and truncate read them)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)i?B?\s*", text, re.IGNORECASE)
+    if m is None:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (use e.g. 4G, 512M, 0)")
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(m.group(1)) << (10 * power)
 
 
 def parse_env(items: list[str]) -> dict[str, str]:
@@ -511,6 +536,13 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME[=VALUE]",
         help="pass an environment variable into the VM (CI is always passed)",
     )
+    parser.add_argument(
+        "--scratch",
+        type=parse_size,
+        default=parse_size("4G"),
+        metavar="SIZE",
+        help="sparse scratch disk mounted as ext4 on the guest's /tmp (default 4G, 0: none)",
+    )
     parser.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     args = parser.parse_args(argv)
     cmd: list[str] = args.cmd
@@ -532,6 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout=args.timeout,
         kvm=args.kvm,
         env=parse_env(args.env),
+        scratch_bytes=args.scratch,
     )
     try:
         return run_in_vm(cmd, repo, log, opts)

@@ -145,6 +145,10 @@ class FakeHost:
             self.loops[device] = backing
             return device
 
+    def loops_in(self, directory: str) -> dict[str, str]:
+        prefix = directory.rstrip("/") + "/"
+        return {d: p for d, p in self.loops.items() if p.startswith(prefix)}
+
     def loop_detach(self, device: str) -> None:
         with self._lock:
             self._enter("loop_detach", device)

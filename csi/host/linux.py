@@ -107,16 +107,27 @@ class LinuxHost:
             os.chmod(path, 0o2775)
 
     # loop --------------------------------------------------------------------------------
-    def loop_find(self, backing: str) -> str | None:
+    def _loops(self) -> dict[str, str]:
+        """loop device -> backing file path (a deleted file keeps its old path)."""
+        loops = {}
         for entry in glob.glob(os.path.join(self.sysfs, "block", "loop*", "loop", "backing_file")):
             try:
                 with open(entry) as f:
                     current = f.read().strip()
             except OSError:
                 continue
-            if current.removesuffix(" (deleted)") == backing:
-                return "/dev/" + entry.split(os.sep)[-3]
+            loops["/dev/" + entry.split(os.sep)[-3]] = current.removesuffix(" (deleted)")
+        return loops
+
+    def loop_find(self, backing: str) -> str | None:
+        for device, path in self._loops().items():
+            if path == backing:
+                return device
         return None
+
+    def loops_in(self, directory: str) -> dict[str, str]:
+        prefix = directory.rstrip("/") + "/"
+        return {d: p for d, p in self._loops().items() if p.startswith(prefix)}
 
     def loop_attach(self, backing: str) -> str:
         out = run(

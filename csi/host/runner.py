@@ -30,7 +30,7 @@ class CommandFailed(Internal):
 class CommandTimeout(Internal):
     def __init__(self, argv: Sequence[str], timeout: float) -> None:
         self.argv = list(argv)
-        super().__init__(f"{argv[0]} did not finish within {timeout:.0f}s")
+        super().__init__(f"{argv[0]} did not finish within {timeout:g}s")
 
 
 class ToolMissing(Internal):

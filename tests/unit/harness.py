@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import threading
 from typing import Any
 
 import grpc
@@ -13,11 +14,30 @@ import grpc
 from csi.__main__ import build_server
 from csi.config import Config
 from csi.host.fake import FakeHost
+from csi.journal import Names
 from csi.keys import KeySource, random_key
+from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
 from csi.server import Server
 from csi.tools.kubelet import InlineVolume, Kubelet
 from csi.volumes import ReconcileReport, StepHook, Volumes
+
+
+class SimulatedCrash(BaseException):
+    """Raised by a crash hook. Not an ``Exception``: the lifecycle must not roll back (SIGKILL)."""
+
+
+class CrashAfter:
+    """An ``after_step`` hook that "kills the process" right after ``step`` completed."""
+
+    def __init__(self, step: str) -> None:
+        self.step = step
+        self.fired = threading.Event()
+
+    def __call__(self, done: str) -> None:
+        if done == self.step:
+            self.fired.set()
+            raise SimulatedCrash(f"simulated crash after step {done}")
 
 
 class Harness:
@@ -90,6 +110,74 @@ class Harness:
     def close(self) -> None:
         self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    # crash, reboot and request helpers ----------------------------------------------------
+    def volume_id(self, pod: str = "pod-a", name: str = "scratch") -> str:
+        return Kubelet.volume_id(pod, name)
+
+    def target(self, pod: str = "pod-a", name: str = "scratch") -> str:
+        return os.path.join(self.config.kubelet_root, "pods", pod, "volumes",
+                            "kubernetes.io~csi", name, "mount")  # fmt: skip
+
+    def names(self, pod: str = "pod-a", name: str = "scratch") -> Names:
+        return Names.of(self.volume_id(pod, name), self.config.data_dir, self.config.state_dir)
+
+    def publish_request(self, pod: str = "pod-a", name: str = "scratch", **kwargs: Any) -> Any:
+        """The NodePublishVolumeRequest kubelet would send (its parent dir is created)."""
+        assert self.kubelet is not None
+        request = self.kubelet.publish_request(InlineVolume(pod, name, **kwargs))
+        os.makedirs(os.path.dirname(request.target_path), exist_ok=True)
+        return request
+
+    def unpublish_request(self, pod: str = "pod-a", name: str = "scratch") -> Any:
+        return pb.NodeUnpublishVolumeRequest(
+            volume_id=self.volume_id(pod, name), target_path=self.target(pod, name)
+        )
+
+    def crash_after(self, step: str) -> CrashAfter:
+        """Install a hook that crashes right after ``step``; restarts so it takes effect."""
+        hook = CrashAfter(step)
+        self.after_step = hook
+        self.restart()
+        return hook
+
+    def kill(self) -> None:
+        """Stop serving at once, as SIGKILL would: in-flight RPCs see UNAVAILABLE."""
+        if self.server is not None:
+            self.server.stop(grace=0)
+            self.server = None
+        if self.kubelet is not None:
+            self.kubelet.close()
+            self.kubelet = None
+
+    def call_until_crash(
+        self, method: Any, request: Any, hook: CrashAfter, wait: float = 10.0
+    ) -> grpc.RpcError:
+        """Start an RPC; once ``hook`` fired, kill the server; return the error the CO saw."""
+        future = method.future(request, timeout=30)
+        fired = hook.fired.wait(wait)
+        self.kill()
+        outcome = future.exception(timeout=wait)
+        assert fired, f"step {hook.step} never ran; the RPC ended with {outcome!r}"
+        assert isinstance(outcome, grpc.RpcError), f"the RPC did not fail: {outcome!r}"
+        return outcome
+
+    def recover(self) -> ReconcileReport:
+        """Start again with no crash hook (start-up reconcile runs); return its report."""
+        self.stop()
+        self.after_step = None
+        self.start()
+        assert self.last_report is not None
+        return self.last_report
+
+    def lose_tmpfs(self) -> None:
+        """What a reboot does to the state dir on tmpfs: journal and detached headers are gone."""
+        shutil.rmtree(self.config.state_dir, ignore_errors=True)
+        prefix = self.config.state_dir.rstrip("/") + "/"
+        for path in [p for p in self.host.files if p.startswith(prefix)]:
+            del self.host.files[path]
+            self.host.luks.pop(path, None)
+            self.host.luks_options.pop(path, None)
 
 
 def code_of(error: BaseException) -> grpc.StatusCode:
