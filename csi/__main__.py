@@ -12,17 +12,23 @@ import threading
 from collections.abc import Callable
 
 import grpc
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
 from csi import __version__, logs
 from csi.config import Config, add_flags, from_args
 from csi.controller import ControllerServicer
 from csi.errors import DriverError
+from csi.host import Host
 from csi.host.linux import LinuxHost
 from csi.identity import IdentityServicer
-from csi.node import NodeServicer
+from csi.kube import KubeApi, PodEvents
+from csi.metrics import Metrics, MetricsServer
+from csi.metrics import serve as serve_metrics
+from csi.node import NodeServicer, Notify, no_notify
 from csi.params import format_bytes
 from csi.proto import csi_pb2_grpc
-from csi.server import Server
+from csi.reaper import OrphanReaper
+from csi.server import LoggingInterceptor, Server
 from csi.volumes import Volumes
 
 log = logging.getLogger("csi")
@@ -45,26 +51,84 @@ def crash_hook(environ: dict[str, str]) -> Callable[[str], None] | None:
     return hook
 
 
-def build_server(config: Config, volumes: Volumes | None) -> Server:
+def build_server(
+    config: Config,
+    volumes: Volumes | None,
+    metrics: Metrics | None = None,
+    notify: Notify = no_notify,
+) -> Server:
     host = volumes.host if volumes is not None else None
     register: list[Callable[[grpc.Server], None]] = [
         lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(config, host), s)
     ]
     if config.serves_node and volumes is not None:
-        node = NodeServicer(config, volumes)
+        node = NodeServicer(config, volumes, notify)
         register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
     if config.serves_controller:
         register.append(
             lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(), s)
         )
-    return Server(config.socket_path, register)
+    interceptor = LoggingInterceptor(metrics.rpc if metrics is not None else None)
+    return Server(config.socket_path, register, interceptor)
+
+
+class ClusterIntegration:
+    """What API access adds to a node plugin: events on pods, and the orphan reaper."""
+
+    def __init__(self, api: KubeApi | None, volumes: Volumes, config: Config) -> None:
+        self.api = api
+        self.notify: Notify = PodEvents(api) if api is not None else no_notify
+        self.reaper = (
+            OrphanReaper(volumes, api, config.node_id, config.reaper_grace)
+            if api is not None
+            else None
+        )
+
+    @classmethod
+    def connect(
+        cls, config: Config, volumes: Volumes, environ: dict[str, str]
+    ) -> ClusterIntegration:
+        return cls(KubeApi.connect(config, environ), volumes, config)
+
+    def start(self, interval: float) -> None:
+        if self.reaper is not None:
+            self.reaper.start(interval)
+            log.info("orphan reaper on: every %.0f s, grace %.0f s", interval, self.reaper.grace)
+
+    def stop(self) -> None:
+        if self.reaper is not None:
+            self.reaper.stop()
+        if self.api is not None:
+            self.api.close()
 
 
 def serve(config: Config) -> int:
+    """Serve until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return run(config, stop)
+
+
+def run(
+    config: Config,
+    stop: threading.Event,
+    host: Host | None = None,
+    environ: dict[str, str] | None = None,
+) -> int:
+    """Start everything ``config`` asks for, serve until ``stop`` is set, then shut down."""
+    environ = dict(os.environ) if environ is None else environ
     volumes = None
+    cluster = None
+    registry = CollectorRegistry()
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    metrics = Metrics(registry, config.driver_name)
     if config.serves_node:
         os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-        volumes = Volumes(config, LinuxHost(), after_step=crash_hook(dict(os.environ)))
+        volumes = Volumes(config, host or LinuxHost(), after_step=crash_hook(environ),
+                          events=metrics)  # fmt: skip
+        metrics.watch_usage(volumes.usage)
         report = volumes.reconcile()
         log.info(
             "start-up reconcile done",
@@ -72,17 +136,26 @@ def serve(config: Config) -> int:
                               "orphans_removed": report.orphans_removed,
                               "failures": report.failures}},
         )  # fmt: skip
-    server = build_server(config, volumes)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        cluster = ClusterIntegration.connect(config, volumes, environ)
+    metrics_server: MetricsServer | None = None
+    if config.metrics_address:
+        metrics_server = serve_metrics(metrics.registry, config.metrics_address)
+        log.info("metrics on http://%s/metrics", config.metrics_address)
+    server = build_server(config, volumes, metrics,
+                          cluster.notify if cluster is not None else no_notify)  # fmt: skip
     server.start()
+    if cluster is not None:
+        cluster.start(config.reaper_interval)
     log.info("luks-ephemeral-csi %s serving %s as %s", __version__, config.mode,
-             config.driver_name)
+             config.driver_name)  # fmt: skip
     while not stop.wait(3600):
         pass
     log.info("signal received: finishing in-flight RPCs")
+    if cluster is not None:
+        cluster.stop()  # no reaping while the server shuts down
     server.stop()
+    if metrics_server is not None:
+        metrics_server.stop()
     return 0
 
 

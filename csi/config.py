@@ -12,6 +12,7 @@ from csi.params import parse_quantity
 
 DEFAULT_DRIVER_NAME = "luks-ephemeral.csi.io"
 MODES = ("node", "controller", "all")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,10 @@ class Config:
     max_volumes: int = 128
     log_format: str = "json"
     log_level: str = "INFO"
+    metrics_address: str = ":9810"  # empty: no metrics endpoint
+    reaper_grace: float = 300.0  # seconds a volume's pod must be gone before the volume is reaped
+    reaper_interval: float = 60.0  # seconds between the orphan reaper's rounds
+    kube_api_url: str = ""  # dev/test: an API server URL used without credentials
 
     @property
     def socket_path(self) -> str:
@@ -67,12 +72,24 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "max-volumes": ("MAX_VOLUMES", "most volumes published on this node at once"),
     "log-format": ("LOG_FORMAT", "json or text"),
     "log-level": ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR"),
+    "metrics-address": ("METRICS_ADDRESS", "host:port for Prometheus metrics; empty disables"),
+    "reaper-grace": ("REAPER_GRACE", "how long (seconds, or 30s/5m/1h) a volume's pod must be "
+                     "gone from the node before the orphan reaper tears the volume down"),
+    "reaper-interval": ("REAPER_INTERVAL", "how often (seconds, or 30s/5m/1h) the orphan reaper "
+                        "lists this node's pods"),
+    "kube-api-url": ("KUBE_API_URL", ""),  # hidden: development and tests only
 }
+HIDDEN_FLAGS = {"kube-api-url"}
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     for flag, (env, help_text) in _FLAGS.items():
-        parser.add_argument(f"--{flag}", default=None, help=f"{help_text} [env {env}]")
+        hidden = flag in HIDDEN_FLAGS
+        parser.add_argument(
+            f"--{flag}", default=None,
+            help=argparse.SUPPRESS if hidden else f"{help_text} [env {env}]",
+        )  # fmt: skip
 
 
 def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
@@ -93,6 +110,18 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
         except InvalidArgument as exc:
             raise InvalidArgument(f"--{flag}: {exc}") from None
 
+    def duration(flag: str, default: float, minimum: float) -> float:
+        raw = get(flag, str(default))
+        try:
+            seconds = parse_duration(raw)
+        except ValueError:
+            raise InvalidArgument(
+                f"--{flag} {raw!r} must be a number of seconds or end in s, m or h (e.g. 5m)"
+            ) from None
+        if seconds < minimum:
+            raise InvalidArgument(f"--{flag} must be at least {minimum:g} seconds")
+        return seconds
+
     log_format = get("log-format", base.log_format)
     if log_format not in ("json", "text"):
         raise InvalidArgument(f"--log-format must be json or text, not {log_format!r}")
@@ -100,6 +129,11 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
         max_volumes = int(get("max-volumes", str(base.max_volumes)))
     except ValueError:
         raise InvalidArgument("--max-volumes must be an integer") from None
+    if max_volumes < 1:
+        raise InvalidArgument("--max-volumes must be at least 1")
+    log_level = get("log-level", base.log_level).upper()
+    if log_level not in LOG_LEVELS:
+        raise InvalidArgument(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     if mode not in MODES:
         raise InvalidArgument(f"mode must be one of {', '.join(MODES)}")
     config = Config(
@@ -115,9 +149,42 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
         max_size=quantity("max-size", base.max_size),
         max_volumes=max_volumes,
         log_format=log_format,
-        log_level=get("log-level", base.log_level).upper(),
+        log_level=log_level,
+        metrics_address=_metrics_address(args, env, base.metrics_address),
+        reaper_grace=duration("reaper-grace", base.reaper_grace, 0),
+        reaper_interval=duration("reaper-interval", base.reaper_interval, 1),
+        kube_api_url=_kube_api_url(get("kube-api-url", base.kube_api_url)),
     )
     endpoint_path(config.endpoint)
     if config.min_size > config.max_size:
         raise InvalidArgument("--min-size is larger than --max-size")
     return config
+
+
+def _metrics_address(args: argparse.Namespace, env: dict[str, str], default: str) -> str:
+    """Unlike other flags an empty value is meaningful here: it turns metrics off."""
+    value = args.metrics_address if getattr(args, "metrics_address", None) is not None else None
+    if value is None:
+        value = env.get("METRICS_ADDRESS", default)
+    if value:
+        _, _, port = value.rpartition(":")
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidArgument(f"--metrics-address {value!r} must be [host]:port, e.g. :9810")
+    return str(value)
+
+
+def parse_duration(text: str) -> float:
+    """``300``, ``300s``, ``5m``, ``1.5h`` -> seconds; anything else raises ValueError."""
+    text = text.strip()
+    factor = DURATION_UNITS.get(text[-1:], None)
+    number = text[:-1] if factor is not None else text
+    value = float(number) * (factor or 1)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return value
+
+
+def _kube_api_url(value: str) -> str:
+    if value and not value.startswith(("http://", "https://")):
+        raise InvalidArgument(f"--kube-api-url {value!r} must start with http:// or https://")
+    return value.rstrip("/")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import grpc
 
 from csi.config import Config
-from csi.errors import InvalidArgument
+from csi.errors import DriverError, InvalidArgument, ResourceExhausted
 from csi.params import (
     VolumeSpec,
     check_combination,
@@ -35,6 +39,40 @@ SINGLE_NODE_MODES = {
     Mode.SINGLE_NODE_MULTI_WRITER,
 }
 RpcType = pb.NodeServiceCapability.RPC.Type
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PodRef:
+    """The pod a request is for, as kubelet names it in the volume context."""
+
+    namespace: str
+    name: str
+    uid: str
+
+
+# Tells the pod's owner about a refusal they must act on: (pod, reason, message).
+Notify = Callable[[PodRef, str, str], None]
+
+# Refusals worth an event on the pod, and the event's reason.
+EVENT_REASONS: dict[type[DriverError], str] = {
+    InvalidArgument: "InvalidVolumeParameter",
+    ResourceExhausted: "CapacityExhausted",
+}
+
+
+def no_notify(pod: PodRef, reason: str, message: str) -> None:
+    """The default notifier: without API access there is nobody to tell."""
+
+
+def pod_of(volume_context: dict[str, str]) -> PodRef | None:
+    """The pod named by kubelet's ``csi.storage.k8s.io/pod.*`` keys, if it names one."""
+    namespace = volume_context.get("csi.storage.k8s.io/pod.namespace", "")
+    name = volume_context.get("csi.storage.k8s.io/pod.name", "")
+    if not namespace or not name:
+        return None
+    return PodRef(namespace, name, volume_context.get("csi.storage.k8s.io/pod.uid", ""))
 
 
 def topology_key(driver_name: str) -> str:
@@ -73,9 +111,10 @@ def spec_from_request(request: pb.NodePublishVolumeRequest, config: Config) -> V
 
 
 class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
-    def __init__(self, config: Config, volumes: Volumes) -> None:
+    def __init__(self, config: Config, volumes: Volumes, notify: Notify = no_notify) -> None:
         self.config = config
         self.volumes = volumes
+        self.notify = notify
 
     @handles_errors
     def NodeGetInfo(
@@ -101,8 +140,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodePublishVolume(
         self, request: pb.NodePublishVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodePublishVolumeResponse:
+        # a bad volume id or target is kubelet's problem, not the pod owner's: no event for it
         self.volumes.check_volume_id(request.volume_id)
         self.volumes.check_target(request.target_path)
+        try:
+            self._publish(request)
+        except (InvalidArgument, ResourceExhausted) as exc:
+            self._tell_pod(request, exc)
+            raise
+        return pb.NodePublishVolumeResponse()
+
+    def _publish(self, request: pb.NodePublishVolumeRequest) -> None:
         if request.volume_context.get(EPHEMERAL) != "true":
             raise InvalidArgument(
                 "only inline ephemeral volumes (volume_context csi.storage.k8s.io/ephemeral=true) "
@@ -112,7 +160,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
         pod = {v: request.volume_context[k] for k, v in POD_KEYS.items()
                if k in request.volume_context}
         self.volumes.publish(PublishRequest(request.volume_id, request.target_path, spec, pod))
-        return pb.NodePublishVolumeResponse()
+
+    def _tell_pod(self, request: pb.NodePublishVolumeRequest, error: DriverError) -> None:
+        """Post the refusal on the pod; whatever happens here, the RPC's result stays the same."""
+        pod = pod_of(dict(request.volume_context))
+        reason = next((r for cls, r in EVENT_REASONS.items() if isinstance(error, cls)), None)
+        if pod is None or reason is None:
+            return
+        try:
+            self.notify(pod, reason, str(error))
+        except Exception:
+            log.warning("notifier failed for pod %s/%s", pod.namespace, pod.name, exc_info=True)
 
     @handles_errors
     def NodeUnpublishVolume(
