@@ -1,16 +1,24 @@
 #!/usr/bin/env python3
 """Run a command where loop devices and dm-crypt really work.
 
-    python tools/vmrun.py [--memory 3G] [--cpus 2] [--timeout 3000] [--log FILE] -- CMD [ARGS...]
+    python tools/vmrun.py [--memory 3G] [--cpus 2] [--timeout 3000] [--log FILE]
+                          [--scratch 4G] [--env NAME[=VALUE]]... [--mode auto|host|vm]
+                          -- CMD [ARGS...]
 
 If this process is root and the host kernel has device-mapper with the crypt target (after a
 quiet ``modprobe``), CMD runs right here. Otherwise CMD runs as root inside a throwaway VM:
-virtme-ng (``vng``) boots a stock Debian kernel under QEMU with this machine's root filesystem
-shared read-only (copy-on-write overlays) and the repository shared writable, and
-``tools/vm_guest.sh`` loads the modules and runs CMD with cwd = the repository root. Missing
-tools are installed when we are root (apt, pip). Exit status: CMD's own; 2 if neither the host
-nor a VM can be had (the caller decides whether to skip; under CI=true this is a failure
-either way); 3 if the VM never reported CMD's status (boot failure, timeout, crash).
+virtme-ng (``vng``) boots a stock Debian kernel under QEMU (TCG) with this machine's root
+filesystem shared read-only (copy-on-write overlays, throwaway) and the repository shared
+writable over 9p, and ``tools/vm_guest.sh`` loads the modules and runs CMD with cwd = the
+repository root. In the guest, /tmp is a fresh ext4 on a sparse scratch disk (the host's /tmp
+is not visible: pass files through the repository) and /run is a tmpfs; unix sockets work on
+both but not in the repository (9p). Only CI and --env variables reach CMD's environment;
+VMRUN_GUEST=1 is set there. Run files are kept in REPO/.vmrun/run-*/ (output.log, rc,
+setup.log, console.log, times).
+
+Missing tools are installed when we are root (apt, pip). Exit status: CMD's own; 2 if neither
+the host nor a VM can be had (the caller decides whether to skip; under CI=true it is a
+failure either way); 3 if the VM never reported CMD's status (boot failure, timeout, crash).
 """
 
 from __future__ import annotations
@@ -221,12 +229,16 @@ def pick_kernel() -> tuple[Path, str] | None:
 
 
 def find_vng() -> Path | None:
-    # Prefer the running interpreter's environment (a venv's bin/ need not be on PATH).
-    local = Path(sys.executable).parent / "vng"
-    if local.is_file() and os.access(local, os.X_OK):
-        return local
-    found = shutil.which("vng")
-    return Path(found) if found else None
+    # The running interpreter's environment first (a venv's bin/ need not be on PATH), then
+    # PATH, then the project's own venv (whose dev extras include virtme-ng).
+    for candidate in (
+        Path(sys.executable).parent / "vng",
+        Path(shutil.which("vng") or "/nonexistent/vng"),
+        repo_root() / ".venv" / "bin" / "vng",
+    ):
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return candidate
+    return None
 
 
 def missing_tools() -> list[str]:
@@ -248,6 +260,17 @@ def apt_lists_present() -> bool:
     return lists.is_dir() and any(lists.glob("*_Packages*"))
 
 
+def run_to_stderr(cmd: list[str], env: dict[str, str] | None = None) -> int:
+    """Run an installer with its output on our stderr (stdout is CMD's output only)."""
+    try:
+        return subprocess.run(
+            cmd, env=env, stdin=subprocess.DEVNULL, stdout=sys.stderr, check=False
+        ).returncode
+    except OSError as exc:
+        say(f"cannot run {cmd[0]}: {exc}")
+        return 127
+
+
 def apt_install() -> bool:
     if shutil.which("apt-get") is None:
         say("apt-get not found: cannot install the VM packages")
@@ -258,19 +281,18 @@ def apt_install() -> bool:
     install = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
     if not apt_lists_present():
         say("apt-get update")
-        subprocess.run(["apt-get", "update"], env=env, stdin=subprocess.DEVNULL, check=False)
+        run_to_stderr(["apt-get", "update"], env)
     say("apt-get install " + " ".join(packages) + " (the kernel package takes minutes)")
-    if subprocess.run(install, env=env, stdin=subprocess.DEVNULL, check=False).returncode == 0:
+    if run_to_stderr(install, env) == 0:
         return True
     say("apt-get install failed; retrying after apt-get update")
-    subprocess.run(["apt-get", "update"], env=env, stdin=subprocess.DEVNULL, check=False)
-    return subprocess.run(install, env=env, stdin=subprocess.DEVNULL, check=False).returncode == 0
+    run_to_stderr(["apt-get", "update"], env)
+    return run_to_stderr(install, env) == 0
 
 
 def pip_install_vng() -> bool:
     say(f"pip install virtme-ng into {sys.prefix}")
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "virtme-ng"]
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, check=False).returncode == 0
+    return run_to_stderr([sys.executable, "-m", "pip", "install", "--quiet", "virtme-ng"]) == 0
 
 
 def ensure_tools() -> tuple[Path, Path]:
@@ -290,7 +312,9 @@ def ensure_tools() -> tuple[Path, Path]:
     kernel = pick_kernel()
     assert vng is not None and kernel is not None
     if not os.access(kernel[0], os.R_OK):
-        raise Unavailable(f"{kernel[0]} is not readable by this user (Debian makes it 0600)")
+        raise Unavailable(
+            f"{kernel[0]} is not readable by this user (some distributions make it 0600)"
+        )
     return vng, kernel[0]
 
 
@@ -469,8 +493,8 @@ def run_in_vm(cmd: list[str], repo: Path, log: Path | None, opts: VmOptions) -> 
     detail = ""
     if "cmd_start" in times and "cmd_end" in times:
         cmd_s = times["cmd_end"] - times["cmd_start"]
-        detail = f"; guest boot {times['cmd_start']:.1f} s, cmd {cmd_s:.1f} s"
-    say(f"VM run took {elapsed:.1f} s (boot+cmd{detail})")
+        detail = f"; in the guest: boot+setup {times['cmd_start']:.1f} s, cmd {cmd_s:.1f} s"
+    timing = f"VM run took {elapsed:.1f} s (boot+cmd{detail})"
 
     try:
         rc = int((run_dir / "rc").read_text().strip())
@@ -482,9 +506,11 @@ def run_in_vm(cmd: list[str], repo: Path, log: Path | None, opts: VmOptions) -> 
         if setup.exists():
             say(f"guest setup log ({setup}):")
             print(tail(setup, 40), file=sys.stderr)
+        say(timing)
         return EXIT_NO_RESULT
     if rc != 0:
         say(f"command exited with {rc} in the VM (logs in {run_dir})")
+    say(timing)
     return rc
 
 
@@ -528,7 +554,11 @@ def main(argv: list[str] | None = None) -> int:
         default="auto",
         help="auto (default): host if it has dm-crypt, else VM",
     )
-    parser.add_argument("--kvm", action="store_true", help="use KVM (stock kernels abort here)")
+    parser.add_argument(
+        "--kvm",
+        action="store_true",
+        help="use KVM (on this kind of machine a stock kernel hangs or aborts under it)",
+    )
     parser.add_argument(
         "--env",
         action="append",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import shutil
 import stat
@@ -12,6 +13,8 @@ from csi.errors import Busy, Internal
 from csi.host import FsStats, LuksFormat
 from csi.host.runner import CommandFailed, run
 from csi.keys import VolumeKey
+
+log = logging.getLogger(__name__)
 
 PBKDF2_MIN_ITERATIONS = "1000"  # cryptsetup's floor; the passphrase is a full-entropy key
 FORMAT_TIMEOUT = 900.0  # dm-integrity wipes the whole device at format time
@@ -130,9 +133,16 @@ class LinuxHost:
         return {d: p for d, p in self._loops().items() if p.startswith(prefix)}
 
     def loop_attach(self, backing: str) -> str:
-        out = run(
-            ["losetup", "--find", "--show", "--direct-io=on", "--sector-size", SECTOR, backing]
-        )
+        argv = ["losetup", "--find", "--show", "--sector-size", SECTOR]
+        try:
+            out = run([*argv, "--direct-io=on", backing])
+        except CommandFailed as exc:
+            # tmpfs and some other filesystems refuse O_DIRECT: fall back to buffered I/O
+            log.warning("direct I/O refused for %s (%s); attaching with buffered I/O",
+                        backing, exc.stderr[-200:])
+            if (stale := self.loop_find(backing)) is not None:
+                self.loop_detach(stale)
+            out = run([*argv, backing])
         device = out.strip()
         if not device.startswith("/dev/loop"):
             raise Internal(f"losetup gave no loop device for {backing}")
