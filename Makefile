@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: venv lint test test-unit test-node demo proto clean
+.PHONY: venv lint test test-unit test-node demo proto manifests e2e-kind bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ test-unit: venv
 
 # The real-kernel tier: directly where this kernel has device-mapper, else inside a VM.
 test-node: venv
-	$(PY) tools/vmrun.py -- $(PY) -m pytest -q -p no:cacheprovider tests/node
+	$(PY) tools/vmrun.py -- $(PY) -m pytest -q -p no:cacheprovider --timeout 1200 -rs tests/node
 
 test: lint test-unit test-node
 
@@ -32,6 +32,13 @@ demo: venv
 
 proto: venv
 	$(PY) tools/gen_proto.py
+
+manifests: venv
+	$(PY) tools/render_manifests.py
+
+# needs docker + kind; E2E_REQUIRED=1 turns "skip" into "fail"
+e2e-kind: venv
+	E2E_REQUIRED=1 $(PY) -m pytest -q -p no:cacheprovider -rs tests/e2e
 
 clean:
 	rm -rf $(VENV) .vmrun .mypy_cache .ruff_cache .pytest_cache

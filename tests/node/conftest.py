@@ -95,18 +95,20 @@ class Driver:
                 "--data-dir", str(self.data_dir), "--kubelet-root", str(self.kubelet_root),
                 "--min-size", "16Mi", *self.extra]  # fmt: skip
         full_env = {**os.environ, **(env or {})}
+        socket_path = Path(self.endpoint[len("unix://"):])
+        socket_path.unlink(missing_ok=True)  # a SIGKILLed driver leaves its socket behind
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=full_env, cwd=REPO)
         log.close()
         self.kubelet = Kubelet(self.endpoint, str(self.kubelet_root), timeout=600)
-        deadline = time.monotonic() + 120
-        while not os.path.exists(self.endpoint[len("unix://"):]):
+        deadline = time.monotonic() + 600  # python start-up under emulation is slow
+        while not socket_path.exists():
             if self.proc.poll() is not None:
                 raise AssertionError(f"driver exited at start-up:\n{self.log()}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"driver did not start:\n{self.log()}")
             time.sleep(0.1)
-        self.kubelet.wait_ready(60)
+        self.kubelet.wait_ready(300)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

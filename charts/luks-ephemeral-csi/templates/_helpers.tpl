@@ -1,0 +1,103 @@
+{{/* Chart name, truncated to 63 characters (a DNS label). */}}
+{{- define "luks-ephemeral-csi.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Fully qualified app name: the release name if it already contains the chart name, else
+"<release>-<chart>". Suffixes like "-node" are added by the templates, so keep room for them.
+*/}}
+{{- define "luks-ephemeral-csi.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 50 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 50 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "luks-ephemeral-csi.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component: include with (dict "root" $ "component" "node"). */}}
+{{- define "luks-ephemeral-csi.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "luks-ephemeral-csi.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Common labels of one component: include with (dict "root" $ "component" "node"). */}}
+{{- define "luks-ephemeral-csi.labels" -}}
+helm.sh/chart: {{ include "luks-ephemeral-csi.chart" .root }}
+{{ include "luks-ephemeral-csi.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+app.kubernetes.io/part-of: luks-ephemeral-csi
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "luks-ephemeral-csi.nodeServiceAccountName" -}}
+{{- if .Values.node.serviceAccount.create }}
+{{- default (printf "%s-node" (include "luks-ephemeral-csi.fullname" .)) .Values.node.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.node.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The driver image: repository@digest, else repository:tag (tag defaults to appVersion). */}}
+{{- define "luks-ephemeral-csi.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* A sidecar image from its values block. */}}
+{{- define "luks-ephemeral-csi.sidecarImage" -}}
+{{- printf "%s:%s" .repository .tag }}
+{{- end }}
+
+{{/* The plugin directory kubelet reaches the driver's socket through. */}}
+{{- define "luks-ephemeral-csi.pluginDir" -}}
+{{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) .Values.driverName }}
+{{- end }}
+
+{{- define "luks-ephemeral-csi.registrationDir" -}}
+{{- printf "%s/plugins_registry" (trimSuffix "/" .Values.kubeletDir) }}
+{{- end }}
+
+{{/*
+A size for the driver's flags: strings are passed through (the schema checked them), numbers
+are printed as whole bytes, never in float notation such as 1e+09.
+*/}}
+{{- define "luks-ephemeral-csi.quantity" -}}
+{{- if kindIs "string" . }}{{ . }}{{ else }}{{ int64 . }}{{ end }}
+{{- end }}
+
+{{/* Namespace of an optional monitoring object: its own setting, else the release's. */}}
+{{- define "luks-ephemeral-csi.monitoringNamespace" -}}
+{{- default .root.Release.Namespace .namespace }}
+{{- end }}
+
+{{/*
+Sidecars need no privilege: they only talk to the driver's socket, and the registrar writes its
+own socket in the registration dir. They run as root (uid 0) only because the socket and the
+registration dir are root's; every capability is dropped.
+*/}}
+{{- define "luks-ephemeral-csi.sidecarSecurityContext" -}}
+privileged: false
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
