@@ -106,9 +106,12 @@ class ReconcileReport:
 
 
 def key_bits(spec: VolumeSpec) -> int:
-    """Volume key size: AES-256-XTS needs 512 bits, Adiantum 256, HMAC-SHA256 adds 256."""
-    bits = 512 if spec.cipher == "aes-xts-plain64" else 256
-    return bits + (256 if spec.integrity == "hmac-sha256" else 0)
+    """Cipher key size for --key-size: AES-256-XTS needs 512 bits, Adiantum 256.
+
+    With --integrity, cryptsetup adds the HMAC key (256 bits for hmac-sha256) on top of this
+    by itself; passing the sum is refused ("Key size in XTS mode must be 256 or 512 bits").
+    """
+    return 512 if spec.cipher == "aes-xts-plain64" else 256
 
 
 class Volumes:

@@ -17,6 +17,7 @@ from tests.node.conftest import (
     crypt_mappings,
     cryptsetup_keys,
     leftovers,
+    loops_on,
     mountpoints,
     rpc_code,
     sh,
@@ -182,9 +183,9 @@ def test_sixteen_concurrent_volumes(driver: Driver) -> None:
     assert errors == []
     mappings = set(crypt_mappings())
     assert {driver.names(p).mapping for p in pods} <= mappings
-    devices = {line.split()[0] for line in sh("losetup", "--list", "--noheadings", "-O",
-                                              "NAME,BACK-FILE").splitlines()
-               if str(driver.data_dir) in line}  # fmt: skip
+    backings = {driver.names(p).backing for p in pods}
+    devices = {line.split()[0] for line in loops_on(driver.data_dir)
+               if line.split()[-1] in backings}  # fmt: skip
     assert len(devices) == 16
     for pod in pods:
         target = driver.k.target(pod, "scratch")
