@@ -128,3 +128,60 @@ def test_process_running_as_user_cannot_read_backing_file(driver: Driver) -> Non
                            "cat", names.backing], capture_output=True, check=False)  # fmt: skip
     assert proc.returncode != 0
     driver.unpublish("pod-perm")
+
+
+def _forms(secret: bytes) -> list[bytes]:
+    import base64
+
+    return [secret, secret.hex().encode(), secret.hex().upper().encode(), base64.b64encode(secret)]
+
+
+def test_known_key_never_reaches_journal_logs_or_errors(
+    base: Path, data_fs: SmallFs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In-process lifecycle with a known key: search every place a leak could land."""
+    import logging
+
+    from csi.errors import DriverError
+
+    state = Path("/run/lec-inproc-leak")
+    kubelet = base / "kubelet-leak"
+    kubelet.mkdir(exist_ok=True)
+    config = Config(state_dir=str(state), data_dir=str(data_fs.mountpoint),
+                    kubelet_root=str(kubelet), min_size=16 * 1024**2)  # fmt: skip
+    passphrase = bytes(range(100, 164))
+
+    class BrokenOpen(LinuxHost):
+        """Real cryptsetup, pointed at a missing header: a real error message to inspect."""
+
+        def crypt_open(self, device: str, name: str, key: VolumeKey, header: str | None) -> None:
+            super().crypt_open(device, name, key, "/run/lec-no-such-header")
+
+    caplog.set_level(logging.DEBUG)
+    target = str(kubelet / "pods" / "u2" / "volumes" / "kubernetes.io~csi" / "v" / "mount")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    known = lambda size: VolumeKey(bytearray(passphrase[:size]))  # noqa: E731
+    ok = Volumes(config, LinuxHost(), key_source=known)
+    ok.publish(PublishRequest("leak-ok", target, VolumeSpec(size=32 * 1024**2)))
+    names = Names.of("leak-ok", config.data_dir, config.state_dir)
+    dump = sh("cryptsetup", "luksDump", "--dump-volume-key", "--batch-mode", "--key-file=-",
+              "--header", names.header, names.backing, input=passphrase)  # fmt: skip
+    volume_key = bytes.fromhex("".join(re.findall(r"[0-9a-f]{2}(?=[ \n])",
+                                                  dump.split("MK dump:")[1])))  # fmt: skip
+    journal = b"".join(p.read_bytes() for p in (state / "volumes").glob("*.json"))
+    assert journal, "the journal should hold a record while published"
+    ok.unpublish("leak-ok", target)
+
+    broken = Volumes(config, BrokenOpen(), key_source=known)
+    with pytest.raises(DriverError) as err:
+        broken.publish(PublishRequest("leak-err", target, VolumeSpec(size=32 * 1024**2)))
+    message = str(err.value).encode()
+    assert b"cryptsetup" in message  # a real failure message from the real tool
+    logs = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')} {r.exc_text or ''}"
+                     for r in caplog.records).encode()  # fmt: skip
+    for secret in (passphrase, volume_key):
+        for form in _forms(secret):
+            assert form not in journal
+            assert form not in message
+            assert form not in logs
+    assert not (state / "volumes").exists() or not list((state / "volumes").glob("*.json"))
