@@ -54,6 +54,18 @@ mkdir -p /run/cryptsetup /run/lock
 # `losetup --direct-io=on` on a file there fails with EINVAL; on ext4 it works, as on a real
 # node. It hides the host's /tmp inside the guest.
 # Made in the background while the modules load (both are slow under emulation).
+# A repository that itself lives under /tmp (a CI clone, say) must stay visible once the
+# scratch disk covers /tmp: keep the old /tmp (with vng's shared dirs under it) reachable,
+# then bind the repository back at its own path.
+keep_host_tmp() {
+    case "$REPO" in /tmp/*) ;; *) return 0 ;; esac
+    mkdir -p /run/vmrun-host-tmp && mount --rbind /tmp /run/vmrun-host-tmp
+}
+repo_back_into_tmp() {
+    case "$REPO" in /tmp/*) ;; *) return 0 ;; esac
+    mkdir -p "$REPO" && mount --rbind "/run/vmrun-host-tmp/${REPO#/tmp/}" "$REPO" \
+        && note "repository $REPO bound back over the scratch /tmp"
+}
 setup_scratch() {
     if [ -n "$VMRUN_SCRATCH" ]; then
         dev=
@@ -70,9 +82,10 @@ setup_scratch() {
         if [ -z "$dev" ]; then
             note "scratch disk $VMRUN_SCRATCH not found: /tmp stays on tmpfs (no O_DIRECT)"
         elif mkfs.ext4 -q -F -m 0 -E lazy_itable_init=1,lazy_journal_init=1,nodiscard "$dev" \
-                >> "$SETUP_LOG" 2>&1 && mount -o noatime "$dev" /tmp; then
+                >> "$SETUP_LOG" 2>&1 && keep_host_tmp && mount -o noatime "$dev" /tmp; then
             chmod 1777 /tmp
             note "scratch ext4 on $dev mounted on /tmp, uptime $(uptime_s) s"
+            repo_back_into_tmp
         else
             note "could not make or mount the scratch ext4 on $dev"
         fi
