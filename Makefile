@@ -30,6 +30,11 @@ test: lint test-unit test-node
 demo: venv
 	$(PY) tools/vmrun.py -- $(PY) tools/demo.py
 
+# Benchmarks are not tests: ratios against baselines measured in the same (VM) run.
+bench: venv
+	$(PY) tools/vmrun.py --scratch 16G -- $(PY) bench/run.py
+	$(PY) bench/report.py
+
 proto: venv
 	$(PY) tools/gen_proto.py
 

@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Turn bench/results.json (from bench/run.py) into markdown for the README's performance section.
+
+python bench/report.py [--in bench/results.json] [--out bench/results.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+FLOW_TITLES = {
+    "ours": "**luks-ephemeral-csi** (driver via its socket)",
+    "handrun": "hand-run minimal LUKS (the driver's own commands)",
+    "floor": "floor: no encryption (loop + lazy mkfs + mount)",
+    "conventional": "conventional LUKS driver (ceph-csi style)",
+}
+GOAL_TITLES = {
+    "publish_vs_handrun_p50": "publish p50, ours / hand-run",
+    "conventional_vs_ours_p50": "publish p50, conventional / ours",
+    "concurrency_speedup_16": "16 publishes: sequential / concurrent wall, mean (0 errors)",
+    "alloc_10g_mib": "allocated on disk right after publishing 10 GiB (loop)",
+    "rss_50_volumes_mib": "driver RSS with 50 volumes published",
+}
+PUBLISH_STEPS = ("reserve", "create_backing", "attach", "format", "open", "mkfs", "mount", "record")
+UNPUBLISH_STEPS = ("unmount", "close", "detach", "delete", "forget")
+
+
+def fmt(value: Any, digits: int = 2, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | float):
+        return f"{value:.{digits}f}{unit}"
+    return str(value)
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def met(value: bool | None) -> str:
+    return {True: "met", False: "**missed**", None: "not measured"}[value]
+
+
+def render(results: dict[str, Any]) -> str:
+    s = results["summary"]
+    env = results["environment"]
+    cfg = results["config"]
+    out = [
+        "## Performance",
+        "",
+        f"Measured by `make bench` on {s['date']}, kernel {s['kernel']}, "
+        f"{env['cpus']} vCPUs, {env['tools']['cryptsetup'].split(' flags')[0]}, "
+        f"{env['tools']['mke2fs'].split(' (')[0]}.",
+        "",
+    ]
+    if s["emulated"]:
+        out += [
+            "> Run under software emulation (QEMU TCG, no KVM): every absolute time is 10-50x "
+            "that of real hardware. Only the ratios, taken inside this one run, mean anything.",
+            "",
+        ]
+    if results.get("error"):
+        out += [f"> The run failed part-way: `{results['error']}`; missing numbers show n/a.", ""]
+
+    out += ["### Goals", ""]
+    rows = []
+    for key, g in s.get("goals", {}).items():
+        unit = " MiB" if key.endswith("_mib") else "x"
+        rows.append(
+            [GOAL_TITLES.get(key, key), g["target"], fmt(g["value"], 2, unit), met(g["met"])]
+        )
+    out += table(["goal", "target", "measured", "result"], rows)
+
+    lat = results.get("latency", {}).get("flows", {})
+    if lat:
+        ours = lat.get("ours", {}).get("stats", {})
+        out += [
+            f"### Publish and unpublish latency ({cfg['size']} volumes, "
+            f"{cfg['cycles']} cycles per flow, interleaved)",
+            "",
+        ]
+        rows = []
+        for name in ("ours", "handrun", "floor", "conventional"):
+            st = lat.get(name, {}).get("stats")
+            if not st:
+                continue
+            rel = ours.get("publish_p50_s")
+            rows.append(
+                [
+                    FLOW_TITLES[name],
+                    fmt(st["publish_p50_s"]),
+                    fmt(st["publish_p95_s"]),
+                    fmt(st["unpublish_p50_s"]),
+                    fmt(st["unpublish_p95_s"]),
+                    fmt(st["cycle_p50_s"]),
+                    fmt(st["publish_p50_s"] / rel if rel and st["publish_p50_s"] else None, 2, "x"),
+                    fmt(st.get("alloc_p50_mib"), 1),
+                    str(len(lat[name].get("errors", []))),
+                ]
+            )
+        out += table(
+            [
+                "flow",
+                "publish p50 s",
+                "publish p95 s",
+                "unpublish p50 s",
+                "unpublish p95 s",
+                "cycle p50 s",
+                "publish vs ours",
+                "allocated MiB",
+                "errors",
+            ],
+            rows,
+        )
+        out += [
+            f"Ratios: ours / hand-run **{fmt(s['publish_vs_handrun_p50'], 2, 'x')}**, "
+            f"conventional / ours **{fmt(s['conventional_vs_ours_p50'], 2, 'x')}**, "
+            f"ours / floor **{fmt(s['publish_vs_floor_p50'], 2, 'x')}** (publish p50); "
+            f"for the whole publish+unpublish cycle: {fmt(s.get('cycle_vs_handrun_p50'), 2, 'x')}, "
+            f"{fmt(s.get('cycle_conventional_vs_ours_p50'), 2, 'x')}, "
+            f"{fmt(s.get('cycle_vs_floor_p50'), 2, 'x')}.",
+            "",
+        ]
+        out += steps_table(lat)
+        out += flow_notes(results)
+
+    conc = results.get("concurrency")
+    if conc:
+        seq, par = conc["sequential"], conc["concurrent"]
+        repeats = conc.get("repeats", 1)
+        out += [
+            f"### Concurrency ({conc['volumes']} publishes of {conc['size']}, "
+            f"each mode run {repeats}x in ABBA order, mean wall shown)",
+            "",
+        ]
+        out += table(
+            ["", "publish wall s", "unpublish wall s", "errors"],
+            [
+                [
+                    "in sequence",
+                    fmt(seq["publish_wall_s"]),
+                    fmt(seq["unpublish_wall_s"]),
+                    str(len(seq["errors"])),
+                ],
+                [
+                    "all at once (threads)",
+                    fmt(par["publish_wall_s"]),
+                    fmt(par["unpublish_wall_s"]),
+                    str(len(par["errors"])),
+                ],
+                [
+                    "speed-up",
+                    fmt(conc["speedup"], 2, "x")
+                    + (
+                        " (per pair: "
+                        + ", ".join(fmt(x, 2, "x") for x in conc["speedup_per_repeat"])
+                        + ")"
+                        if conc.get("speedup_per_repeat")
+                        else ""
+                    ),
+                    fmt(conc.get("unpublish_speedup"), 2, "x"),
+                    "",
+                ],
+            ],
+        )
+
+    foot = results.get("footprint")
+    if foot:
+        out += ["### Disk footprint", ""]
+        out += table(
+            ["backing", "volume", "allocated right after publish", "after sync", "header"],
+            [
+                [
+                    "loop (sparse file)",
+                    foot["size"],
+                    fmt(foot["allocated_bytes_right_after_publish"] / 2**20, 2, " MiB"),
+                    fmt(foot["allocated_bytes_after_sync"] / 2**20, 2, " MiB"),
+                    f"{foot['detached_header_bytes_on_tmpfs']} bytes, detached on tmpfs",
+                ],
+                ["qcow2", foot["size"], "n/a", "n/a", "not implemented yet: not measured"],
+            ],
+        )
+
+    mem = results.get("memory")
+    if mem or results.get("rss_idle_mib") is not None:
+        out += ["### Driver memory (VmRSS)", ""]
+        rows = [["idle, just started", fmt(s.get("rss_idle_mib"), 1, " MiB")]]
+        if mem:
+            rows.append(
+                [
+                    f"{mem['volumes_published']} volumes of {mem['volume_size']} published",
+                    fmt(mem["rss_with_volumes_mib"], 1, " MiB"),
+                ]
+            )
+            rows.append(
+                [
+                    "after unpublishing them",
+                    fmt(mem["after_unpublish"].get("VmRSS", 0) / 2**20, 1, " MiB"),
+                ]
+            )
+        out += table(["state", "RSS"], rows)
+        if mem:
+            out += [f"{mem['note']}.", ""]
+
+    dp = results.get("datapath")
+    if dp:
+        out += ["### Data path", ""]
+        out += table(
+            ["", "value"],
+            [
+                ["dm table (key redacted)", f"`{dp['dm_table']}`"],
+                ["key", "kernel keyring reference" if dp["key_in_kernel_keyring"] else "inline"],
+                ["no_read_workqueue / no_write_workqueue",
+                 f"{fmt(dp['perf_no_read_workqueue'])} / {fmt(dp['perf_no_write_workqueue'])}"],
+                ["crypt sector size", str(dp["crypt_sector_size"])],
+                ["dm logical block size", str(dp["dm_logical_block_size"])],
+                ["loop direct I/O (`/sys/block/loopN/loop/dio`)", fmt(dp["loop_direct_io"])],
+                ["loop logical block size", str(dp["loop_logical_block_size"])],
+                ["keyslot KDF", kdf_text(dp.get("keyslot_kdf"))],
+            ],
+        )  # fmt: skip
+        conv = (results.get("datapath_baselines") or {}).get("conventional")
+        if conv:
+            out += [
+                f"Conventional flow, for comparison: `{conv['dm_table']}`, keyslot KDF "
+                f"{kdf_text(conv.get('keyslot_kdf'))}.",
+                "",
+            ]
+
+    notes = results.get("notes", [])
+    if notes:
+        out += ["### Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def kdf_text(kdf: dict[str, str] | None) -> str:
+    if not kdf:
+        return "n/a"
+    return ", ".join(f"{k.lower()} {v}" for k, v in kdf.items())
+
+
+def steps_table(lat: dict[str, Any]) -> list[str]:
+    names = ("ours", "handrun", "floor", "conventional")
+    means = {n: lat.get(n, {}).get("step_means_s", {}) for n in names}
+    present = [n for n in names if n in lat]
+    rows = []
+    for step in (*PUBLISH_STEPS, *UNPUBLISH_STEPS):
+        if not any(step in means[n] for n in present):
+            continue
+        phase = "publish" if step in PUBLISH_STEPS else "unpublish"
+        rows.append([f"{phase}: {step}", *[fmt(means[n].get(step), 3) for n in present]])
+    if not rows:
+        return []
+    return [
+        "Mean time per lifecycle step, seconds (ours from the driver's "
+        "`luks_ephemeral_step_seconds`; baselines timed per command):",
+        "",
+        *table(["step", *present], rows),
+    ]
+
+
+def flow_notes(results: dict[str, Any]) -> list[str]:
+    lines = []
+    script = results.get("handrun_script", {})
+    if script:
+        same = script.get("matches_template")
+        lines.append(
+            f"- hand-run: {script.get('source', '?')}"
+            + ("" if same is None else f" (same as bench's built-in copy: {fmt(same)})")
+            + "; the sparse file is made in-process, the key is 64 bytes of os.urandom on stdin."
+        )
+    lines.append(
+        "- conventional: `cryptsetup -q luksFormat --type luks2 --hash sha256 --pbkdf argon2id "
+        "--pbkdf-memory 32768` (default 2 s iteration time), `luksOpen --disable-keyring`, "
+        "header on the device, no perf flags, `mkfs.ext4 -F -q`, plain `mount`."
+    )
+    mkfs = results.get("mkfs_default")
+    if mkfs:
+        lines.append(
+            f'- "default" mkfs.ext4 here means lazy_itable_init={mkfs["lazy_itable_init"]} '
+            f"({mkfs['lazy_itable_init_source']}), lazy_journal_init="
+            f"{mkfs['lazy_journal_init']} ({mkfs['lazy_journal_init_source']}); discard "
+            f"{mkfs['discard']}; {mkfs['mount']}."
+        )
+    lines.append(
+        "- floor: the same loop flags, `mkfs.ext4 -F -q -m 0 -E "
+        "lazy_itable_init=1,lazy_journal_init=1,nodiscard`, `mount -o "
+        "rw,nosuid,nodev,noinit_itable`."
+    )
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/report.py", description=__doc__)
+    parser.add_argument("--in", dest="src", type=Path, default=REPO / "bench" / "results.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.md")
+    args = parser.parse_args(argv)
+    try:
+        results = json.loads(args.src.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"bench/report.py: cannot read {args.src}: {exc}", file=sys.stderr)
+        return 1
+    args.out.write_text(render(results))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
