@@ -31,8 +31,9 @@ demo: venv
 	$(PY) tools/vmrun.py -- $(PY) tools/demo.py
 
 # Benchmarks are not tests: ratios against baselines measured in the same (VM) run.
+# Quick look: make bench BENCH_ARGS="--cycles 2 --concurrency 4 --volumes 4"
 bench: venv
-	$(PY) tools/vmrun.py --scratch 16G -- $(PY) bench/run.py
+	$(PY) tools/vmrun.py --scratch 16G --timeout 10800 -- $(PY) bench/run.py $(BENCH_ARGS)
 	$(PY) bench/report.py
 
 proto: venv
