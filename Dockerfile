@@ -25,8 +25,8 @@ LABEL org.opencontainers.image.title="luks-ephemeral-csi" \
 #   cryptsetup-bin  cryptsetup (LUKS2 format/open/close)
 #   mount           mount, umount, losetup
 #   util-linux      blkid, wipefs, fallocate: for an admin inspecting devices in the pod
-#   e2fsprogs       mkfs.ext4
-#   xfsprogs        mkfs.xfs
+#   e2fsprogs       mkfs.ext4, resize2fs (online expansion)
+#   xfsprogs        mkfs.xfs, xfs_growfs (online expansion)
 #   qemu-utils      qemu-img, qemu-nbd (backing=qcow2)
 #   kmod            modprobe loop, dm_crypt, dm_integrity, nbd when they are not loaded yet
 # Versions are not pinned (hadolint DL3008): Debian drops superseded versions from the archive

@@ -32,6 +32,10 @@ class ResourceExhausted(DriverError):
     """The capacity budget, the data dir's free space or the volume limit cannot hold it."""
 
 
+class OutOfRange(DriverError):
+    """The capacity range asked for cannot be met within this node's size limits."""
+
+
 class FailedPrecondition(DriverError):
     """The node is not in a state that allows the operation (e.g. the volume is busy)."""
 
@@ -59,6 +63,7 @@ STATUS_CODES: dict[type[DriverError], str] = {
     AlreadyExists: "ALREADY_EXISTS",
     Aborted: "ABORTED",
     ResourceExhausted: "RESOURCE_EXHAUSTED",
+    OutOfRange: "OUT_OF_RANGE",
     FailedPrecondition: "FAILED_PRECONDITION",
     Unavailable: "UNAVAILABLE",
     Internal: "INTERNAL",

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
 from typing import Any
 
-from csi.errors import InvalidArgument
+from csi.errors import InvalidArgument, OutOfRange
 
 MiB = 1024**2
 ALIGN = MiB  # backing files are whole MiB: a multiple of the 4096-byte sector
@@ -150,6 +150,59 @@ def parse_attributes(attributes: dict[str, str], *, min_size: int, max_size: int
         "integrity": values["integrity"],
         "header": values["header"],
         "cipher": values["cipher"],
+    }
+
+
+def _floor(n: int, align: int = ALIGN) -> int:
+    return n // align * align
+
+
+def size_from_range(
+    required: int, limit: int, *, default: int, min_size: int, max_size: int, floor: int = 0
+) -> int:
+    """The size of a volume for a CSI capacity range, in whole MiB.
+
+    ``required`` is a minimum (rounded up to MiB and raised to the node's minimum and to
+    ``floor``, e.g. what xfs needs); without it ``default`` is used, trimmed to ``limit``. A range
+    that no size within this node's limits can meet is OUT_OF_RANGE, as the CSI spec asks.
+    """
+    if required < 0 or limit < 0:
+        raise InvalidArgument("capacity_range: required_bytes and limit_bytes must not be negative")
+    if limit and required > limit:
+        raise InvalidArgument(
+            f"capacity_range: required_bytes {required} is larger than limit_bytes {limit}"
+        )
+    lowest = max(min_size, floor)
+    if required:
+        size = max(round_up(required), lowest)
+    else:
+        size = max(min(default, _floor(limit)) if limit else default, lowest)
+    if limit and size > limit:
+        raise OutOfRange(
+            f"capacity_range: no size of whole MiB between {format_bytes(lowest)} (this node's "
+            f"minimum for such a volume) and the limit of {limit} bytes"
+        )
+    if size > max_size:
+        raise OutOfRange(
+            f"capacity_range: {format_bytes(size)} is above this node's maximum volume size "
+            f"{format_bytes(max_size)}"
+        )
+    return size
+
+
+def volume_context(spec: VolumeSpec) -> dict[str, str]:
+    """The validated parameters of a provisioned volume, in the same keys the CO sent.
+
+    They travel in the PV's volume context and come back to NodeStageVolume, so a node that
+    lost its journal (a reboot empties tmpfs) can reserve the volume again with the same shape.
+    """
+    return {
+        "size": format_bytes(spec.size),
+        "backing": spec.backing,
+        "preallocate": "true" if spec.preallocate else "false",
+        "integrity": spec.integrity,
+        "header": spec.header,
+        "cipher": spec.cipher,
     }
 
 

@@ -20,7 +20,9 @@ from csi.keys import VolumeKey
 STEPS = (
     "create_backing", "loop_attach", "luks_format", "crypt_open", "mkfs", "mount",
     "set_volume_root", "umount", "crypt_close", "loop_detach", "remove_file",
+    "grow_backing", "loop_refresh", "crypt_resize", "fs_grow", "bind_mount", "make_file",
 )  # fmt: skip
+ATTACHED_OFFSET = 1024**2  # where the data starts behind an attached LUKS2 header
 
 
 @dataclass
@@ -34,6 +36,7 @@ class FakeMount:
     source: str
     fs_type: str
     options: list[str]
+    device: str = ""  # for a device node bound onto a file: the device (source is "udev")
 
 
 @dataclass
@@ -46,6 +49,10 @@ class FakeHost:
     luks: dict[str, str] = field(default_factory=dict)  # header location -> key hash
     luks_options: dict[str, LuksFormat] = field(default_factory=dict)
     mappings: dict[str, str] = field(default_factory=dict)  # name -> device
+    keyring: dict[str, bool] = field(default_factory=dict)  # name -> key held by keyring ref
+    loop_sizes: dict[str, int] = field(default_factory=dict)  # device -> size seen by the loop
+    mapping_sizes: dict[str, int] = field(default_factory=dict)  # name -> size of the mapping
+    fs_sizes: dict[str, int] = field(default_factory=dict)  # device -> size of its filesystem
     filesystems: dict[str, str] = field(default_factory=dict)  # device -> fs type
     fs_errors: dict[str, int] = field(default_factory=dict)
     mounts: dict[str, FakeMount] = field(default_factory=dict)  # target -> mount
@@ -72,6 +79,10 @@ class FakeHost:
         """What a node reboot leaves: files on disk only (tmpfs dirs are the caller's job)."""
         self.loops.clear()
         self.mappings.clear()
+        self.keyring.clear()
+        self.loop_sizes.clear()
+        self.mapping_sizes.clear()
+        self.fs_sizes.clear()
         self.mounts.clear()
         self.busy.clear()
 
@@ -85,6 +96,19 @@ class FakeHost:
             if size > self.free:
                 raise Internal(f"cannot create backing file {path}: No space left on device")
             self.files[path] = FakeFile(size, size if preallocate else 0)
+
+    def grow_backing(self, path: str, size: int, preallocate: bool) -> None:
+        with self._lock:
+            self._enter("grow_backing", path)
+            f = self.files.get(path)
+            if f is None:
+                raise Internal(f"cannot open backing file {path}: No such file or directory")
+            need = (size - f.allocated) if preallocate else 0
+            if need > self.free_bytes(path):
+                raise Internal(f"cannot grow backing file {path}: No space left on device")
+            f.size = max(f.size, size)
+            if preallocate:
+                f.allocated = f.size
 
     def remove_file(self, path: str) -> None:
         with self._lock:
@@ -122,6 +146,11 @@ class FakeHost:
     def make_dir(self, path: str) -> None:
         self.dirs.add(path)
 
+    def make_file(self, path: str) -> None:
+        with self._lock:
+            self._enter("make_file", path)
+            self.files.setdefault(path, FakeFile(0, 0))
+
     def remove_dir(self, path: str) -> None:
         self.dirs.discard(path)
 
@@ -143,6 +172,7 @@ class FakeHost:
             device = f"/dev/loop{self._next_loop}"
             self._next_loop += 1
             self.loops[device] = backing
+            self.loop_sizes[device] = self.files[backing].size
             return device
 
     def loops_in(self, directory: str) -> dict[str, str]:
@@ -155,6 +185,14 @@ class FakeHost:
             if any(m == device for m in self.mappings.values()):
                 raise CommandFailed(["losetup"], 1, f"{device}: device is busy")
             self.loops.pop(device, None)
+            self.loop_sizes.pop(device, None)
+
+    def loop_refresh(self, device: str) -> None:
+        with self._lock:
+            self._enter("loop_refresh", device)
+            if device not in self.loops:
+                raise CommandFailed(["losetup"], 1, f"{device}: No such device or address")
+            self.loop_sizes[device] = self.files[self.loops[device]].size
 
     # dm-crypt ----------------------------------------------------------------------------
     @staticmethod
@@ -171,7 +209,9 @@ class FakeHost:
                 self.files[options.header] = FakeFile(16 * 1024**2, 16 * 1024**2)
             self.seen_keys.append(bytes(key.view))
 
-    def crypt_open(self, device: str, name: str, key: VolumeKey, header: str | None) -> None:
+    def crypt_open(
+        self, device: str, name: str, key: VolumeKey, header: str | None, *, keyring: bool = True
+    ) -> None:
         with self._lock:
             self._enter("crypt_open", f"{device} {name}")
             if name in self.mappings:
@@ -180,6 +220,32 @@ class FakeHost:
             if self.luks.get(location) != self._fingerprint(key):
                 raise CommandFailed(["cryptsetup"], 2, "No key available with this passphrase.")
             self.mappings[name] = device
+            self.keyring[name] = keyring
+            self.mapping_sizes[name] = self._data_size(device, header)
+
+    def _data_size(self, device: str, header: str | None) -> int:
+        """What a mapping of ``device`` can hold: all of it, or what follows an attached header."""
+        return self.loop_sizes.get(device, 0) - (0 if header else ATTACHED_OFFSET)
+
+    def crypt_resize(self, name: str, header: str | None) -> None:
+        """Like cryptsetup 2.6: a key held by keyring reference cannot be reloaded without the
+        passphrase, and stdin is empty."""
+        with self._lock:
+            self._enter("crypt_resize", name)
+            if name not in self.mappings:
+                raise CommandFailed(["cryptsetup"], 4, f"Device {name} is not active.")
+            if self.keyring.get(name, True):
+                raise CommandFailed(["cryptsetup"], 1, "Nothing to read on input.")
+            self.mapping_sizes[name] = self._data_size(self.mappings[name], header)
+
+    def device_size(self, device: str) -> int:
+        if device.startswith("/dev/mapper/"):
+            name = device.removeprefix("/dev/mapper/")
+            if name in self.mapping_sizes:
+                return self.mapping_sizes[name]
+        elif device in self.loop_sizes:
+            return self.loop_sizes[device]
+        raise Internal(f"cannot open {device}: No such file or directory")
 
     def crypt_close(self, name: str) -> None:
         with self._lock:
@@ -188,7 +254,10 @@ class FakeHost:
             if any(m.source == device for m in self.mounts.values()):
                 raise Busy(f"mapping {name} is still in use; it stays open")
             self.mappings.pop(name, None)
+            self.keyring.pop(name, None)
+            self.mapping_sizes.pop(name, None)
             self.filesystems.pop(device, None)
+            self.fs_sizes.pop(device, None)
 
     def crypt_exists(self, name: str) -> bool:
         return name in self.mappings
@@ -201,6 +270,7 @@ class FakeHost:
         with self._lock:
             self._enter("mkfs", device)
             self.filesystems[device] = fs_type
+            self.fs_sizes[device] = self.device_size(device)
             self.fs_errors.pop(device, None)
 
     def mount(self, source: str, target: str, fs_type: str, options: list[str]) -> None:
@@ -211,6 +281,26 @@ class FakeHost:
             if target not in self.dirs:
                 raise CommandFailed(["mount"], 32, f"mount point {target} does not exist")
             self.mounts[target] = FakeMount(source, fs_type, list(options))
+
+    def bind_mount(self, source: str, target: str, options: list[str]) -> None:
+        """A staged directory onto a directory, or a device node onto a file; like the kernel,
+        a bound device node shows "udev" as its source and does not hold the device open."""
+        with self._lock:
+            self._enter("bind_mount", target)
+            if source in self.mounts:
+                if target not in self.dirs:
+                    raise CommandFailed(["mount"], 32, f"mount point {target} does not exist")
+                staged = self.mounts[source]
+                self.mounts[target] = FakeMount(staged.source, staged.fs_type, list(options))
+            elif source.removeprefix("/dev/mapper/") in self.mappings:
+                if target not in self.files:
+                    raise CommandFailed(["mount"], 32, f"mount point {target} does not exist")
+                self.mounts[target] = FakeMount("udev", "devtmpfs", list(options), source)
+            else:
+                raise CommandFailed(["mount"], 32, f"special device {source} does not exist")
+
+    def is_mountpoint(self, path: str) -> bool:
+        return path in self.mounts
 
     def umount(self, target: str) -> None:
         with self._lock:
@@ -227,14 +317,20 @@ class FakeHost:
         return [t for t, m in self.mounts.items() if m.source == source]
 
     def fs_stats(self, path: str) -> FsStats:
-        mount = self.mounts[path]
-        name = mount.source.removeprefix("/dev/mapper/")
-        backing = self.loops.get(self.mappings.get(name, ""), "")
-        size = self.files[backing].size if backing in self.files else 0
+        size = self.fs_sizes.get(self.mounts[path].source, 0)
         return FsStats(size, size - 4096, 4096, size // 16384, size // 16384 - 11, 11)
 
     def fs_error_count(self, device: str) -> int:
         return self.fs_errors.get(device, 0)
+
+    def fs_grow(self, device: str, mount_point: str, fs_type: str) -> None:
+        with self._lock:
+            self._enter("fs_grow", device)
+            if self.filesystems.get(device) != fs_type:
+                raise CommandFailed(["resize2fs"], 1, f"bad magic number in super-block: {device}")
+            if self.mount_source(mount_point) != device:
+                raise CommandFailed(["xfs_growfs"], 1, f"{mount_point} is not a mounted filesystem")
+            self.fs_sizes[device] = self.device_size(device)
 
     # readiness ---------------------------------------------------------------------------
     def missing_requirements(self) -> list[str]:

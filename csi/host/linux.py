@@ -19,7 +19,16 @@ log = logging.getLogger(__name__)
 PBKDF2_MIN_ITERATIONS = "1000"  # cryptsetup's floor; the passphrase is a full-entropy key
 FORMAT_TIMEOUT = 900.0  # dm-integrity wipes the whole device at format time
 SECTOR = "4096"
-REQUIRED_TOOLS = ("cryptsetup", "losetup", "mkfs.ext4", "mkfs.xfs", "mount", "umount")
+GROW_TIMEOUT = 600.0  # growing a big filesystem online writes new group descriptors
+REQUIRED_TOOLS = (
+    "cryptsetup", "losetup", "mkfs.ext4", "mkfs.xfs", "mount", "umount", "resize2fs",
+    "xfs_growfs",
+)  # fmt: skip
+# Per-mount (VFS) flags: the only ones a bind remount can change; filesystem options such as
+# commit= apply to the superblock and were set when the volume was staged.
+BIND_FLAGS = frozenset(
+    {"ro", "rw", "nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime", "strictatime"}
+)
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -66,6 +75,24 @@ class LinuxHost:
             raise Internal(f"cannot create backing file {path}: {exc.strerror}") from None
         os.close(fd)
 
+    def grow_backing(self, path: str, size: int, preallocate: bool) -> None:
+        """Grow (never shrink) a backing file; preallocated ones get real blocks for the new
+        range too, so the promise "this volume cannot run the node out of space" still holds."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as exc:
+            raise Internal(f"cannot open backing file {path}: {exc.strerror}") from None
+        try:
+            if preallocate:
+                os.posix_fallocate(fd, 0, size)  # fills only what is not allocated yet
+            elif os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            os.fsync(fd)
+        except OSError as exc:
+            raise Internal(f"cannot grow backing file {path}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+
     def remove_file(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)
@@ -97,6 +124,11 @@ class LinuxHost:
 
     def make_dir(self, path: str) -> None:
         os.makedirs(path, mode=0o750, exist_ok=True)
+
+    def make_file(self, path: str) -> None:
+        """An empty file to bind-mount a block device onto (never follows a symlink)."""
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
 
     def remove_dir(self, path: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -156,6 +188,10 @@ class LinuxHost:
                 return
             raise
 
+    def loop_refresh(self, device: str) -> None:
+        """Make the loop device see its backing file's new size."""
+        run(["losetup", "--set-capacity", device])
+
     # dm-crypt ----------------------------------------------------------------------------
     def luks_format(self, device: str, key: VolumeKey, options: LuksFormat) -> None:
         argv = [
@@ -173,7 +209,12 @@ class LinuxHost:
             argv += ["--header", options.header]
         run([*argv, device], stdin=key.view, timeout=FORMAT_TIMEOUT)
 
-    def crypt_open(self, device: str, name: str, key: VolumeKey, header: str | None) -> None:
+    def crypt_open(
+        self, device: str, name: str, key: VolumeKey, header: str | None, *, keyring: bool = True
+    ) -> None:
+        """Open the mapping. ``keyring=False`` keeps the volume key in the dm-crypt table
+        instead of a kernel keyring reference: only then can ``cryptsetup resize`` reload the
+        table at a new size without the passphrase (which we no longer have)."""
         argv = [
             "cryptsetup",
             "open",
@@ -183,9 +224,29 @@ class LinuxHost:
             "--perf-no_read_workqueue",
             "--perf-no_write_workqueue",
         ]
+        if not keyring:
+            argv.append("--disable-keyring")
         if header:
             argv += ["--header", header]
         run([*argv, device, name], stdin=key.view)
+
+    def crypt_resize(self, name: str, header: str | None) -> None:
+        """Grow the mapping to its (grown) device. stdin is /dev/null: if cryptsetup wanted a
+        passphrase it fails at once instead of waiting for one."""
+        argv = ["cryptsetup", "resize"]
+        if header:
+            argv += ["--header", header]
+        run([*argv, name])
+
+    def device_size(self, device: str) -> int:
+        try:
+            fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise Internal(f"cannot open {device}: {exc.strerror}") from None
+        try:
+            return os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
 
     def crypt_close(self, name: str) -> None:
         if not self.crypt_exists(name):
@@ -239,6 +300,21 @@ class LinuxHost:
             opts.append("noinit_itable")  # keep sparse files sparse: no background zeroing
         run(["mount", "-t", fs_type, "-o", ",".join(opts), source, target])
 
+    def bind_mount(self, source: str, target: str, options: list[str]) -> None:
+        """Bind ``source`` (a staged directory or a device node) onto ``target``, then remount
+        the bind with the per-mount flags: a plain ``--bind`` ignores ro/nosuid/nodev."""
+        flags = [f for f in options if f in BIND_FLAGS]
+        run(["mount", "--bind", source, target])
+        try:
+            run(["mount", "-o", ",".join(["remount", "bind", *flags]), target])
+        except Internal:
+            with contextlib.suppress(Internal):
+                run(["umount", target])  # never leave a bind without its nosuid/nodev/ro
+            raise
+
+    def is_mountpoint(self, path: str) -> bool:
+        return any(point == path for point, _, _ in read_mountinfo())
+
     def umount(self, target: str) -> None:
         try:
             run(["umount", target])
@@ -280,6 +356,16 @@ class LinuxHost:
                 return int(f.read().strip() or 0)
         except (OSError, ValueError):
             return 0
+
+    def fs_grow(self, device: str, mount_point: str, fs_type: str) -> None:
+        """Grow a mounted filesystem to its device (both tools work online and are no-ops when
+        there is nothing to grow)."""
+        if fs_type == "ext4":
+            run(["resize2fs", device], timeout=GROW_TIMEOUT)
+        elif fs_type == "xfs":
+            run(["xfs_growfs", mount_point], timeout=GROW_TIMEOUT)
+        else:
+            raise Internal(f"cannot grow {fs_type}")
 
     # readiness ---------------------------------------------------------------------------
     def missing_requirements(self) -> list[str]:

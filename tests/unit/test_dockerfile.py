@@ -38,6 +38,8 @@ TOOL_PACKAGES = {
     "umount": "mount",
     "mkfs.ext4": "e2fsprogs",
     "mkfs.xfs": "xfsprogs",
+    "resize2fs": "e2fsprogs",
+    "xfs_growfs": "xfsprogs",
     "qemu-img": "qemu-utils",
     "qemu-nbd": "qemu-utils",
 }
