@@ -19,8 +19,18 @@ from typing import Any
 from csi.errors import Aborted, Internal
 from csi.params import VolumeSpec
 
+# Inline volumes: CREATING while NodePublishVolume works, PUBLISHED once it is done.
 CREATING = "creating"
 PUBLISHED = "published"
+# Provisioned (PVC) volumes: CreateVolume RESERVES capacity; NodeStageVolume goes through STAGING
+# to STAGED (backing, mapping and, for filesystems, the staging mount exist); NodeUnstageVolume
+# goes through UNSTAGING back to RESERVED; DeleteVolume forgets the record.
+RESERVED = "reserved"
+STAGING = "staging"
+STAGED = "staged"
+UNSTAGING = "unstaging"
+# States a crash can leave behind that start-up must finish or roll back.
+HALF_DONE = (CREATING, STAGING, UNSTAGING)
 MAPPING_PREFIX = "luks-eph-"
 
 
@@ -60,10 +70,26 @@ class Record:
     volume_id: str
     state: str
     spec: VolumeSpec
-    target_path: str
+    target_path: str  # inline: the one target; provisioned volumes use ``targets``
     pod: dict[str, str] = field(default_factory=dict)
     created_at: float = 0.0
     step: str = ""
+    # provisioned (PVC) volumes only
+    name: str = ""  # the CO's name in CreateVolume: set means "provisioned"
+    claim: str = ""  # namespace/name of the PVC, when the provisioner passes it
+    staging_path: str = ""
+    targets: dict[str, list[str]] = field(default_factory=dict)  # target -> mount options
+    grow_to: int = 0  # size an expansion in progress has reserved (0: none)
+
+    @property
+    def provisioned(self) -> bool:
+        return bool(self.name)
+
+    @property
+    def charge(self) -> int:
+        """Bytes this volume holds against the node: its full size (or the size an expansion is
+        growing it to) plus an attached header's area, whether or not a block is written yet."""
+        return max(self.spec.size, self.grow_to) + self.spec.backing_bytes - self.spec.size
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -7,6 +7,7 @@ done, so any operation can be repeated after a crash at any point.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -26,13 +27,30 @@ from csi.errors import (
     ResourceExhausted,
 )
 from csi.host import FsStats, Host, LuksFormat
-from csi.journal import CREATING, MAPPING_PREFIX, PUBLISHED, Journal, Names, Record, VolumeLocks
+from csi.journal import (
+    CREATING,
+    HALF_DONE,
+    MAPPING_PREFIX,
+    PUBLISHED,
+    RESERVED,
+    STAGED,
+    Journal,
+    Names,
+    Record,
+    VolumeLocks,
+)
 from csi.keys import PASSPHRASE_BYTES, KeySource, random_key
 from csi.params import VolumeSpec, format_bytes
 
 log = logging.getLogger(__name__)
 
 VOLUME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# A provisioned volume's id is "<node>/<32 hex of the CO's name>": it says which node holds the
+# volume. The node part is a Kubernetes node name (a DNS subdomain); no filesystem or dm name is
+# ever made from an id, only from its hash (see journal.Names), so the "/" cannot reach a path.
+NODE_NAME = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
+PROVISIONED_ID = re.compile(rf"^(?P<node>{NODE_NAME})/(?P<hash>[0-9a-f]{{32}})$")
+MAX_VOLUME_ID = 128  # bytes, the CSI spec's limit for a string field
 BACKING_FILE = re.compile(r"^([0-9a-f]{32})\.img$")
 HEADER_FILE = re.compile(r"^([0-9a-f]{32})\.hdr$")
 
@@ -72,6 +90,7 @@ class VolumeHealth:
 class VolumeStats:
     usage: FsStats | None
     health: VolumeHealth
+    block_bytes: int | None = None  # a block volume has a size but no filesystem usage
 
 
 @dataclass(frozen=True)
@@ -103,6 +122,28 @@ class ReconcileReport:
     def count(self, reason: str, events: Events) -> None:
         self.orphans_removed[reason] = self.orphans_removed.get(reason, 0) + 1
         events.orphan_removed(reason)
+
+
+def is_provisioned_id(volume_id: str) -> bool:
+    """Provisioned (PVC) volume ids carry their node; inline ids (kubelet's) never have a '/'."""
+    return "/" in volume_id
+
+
+def node_of(volume_id: str) -> str | None:
+    match = PROVISIONED_ID.fullmatch(volume_id)
+    return match.group("node") if match and len(volume_id) <= MAX_VOLUME_ID else None
+
+
+def provisioned_id(node: str, name: str) -> str:
+    """The id of the volume the CO calls ``name`` on ``node``: the same for the same name."""
+    volume_id = f"{node}/{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+    if node_of(volume_id) != node:
+        raise FailedPrecondition(
+            f"this node's id {node[:100]!r} cannot be carried in a volume id: it must be a "
+            f"Kubernetes node name (lower-case DNS subdomain) of at most {MAX_VOLUME_ID - 33} "
+            "characters"
+        )
+    return volume_id
 
 
 def key_bits(spec: VolumeSpec) -> int:
@@ -142,12 +183,25 @@ class Volumes:
 
     @staticmethod
     def check_volume_id(volume_id: str) -> None:
+        """An inline volume id (kubelet's ``csi-<hash>``) or a provisioned one (``node/hash``)."""
         if not volume_id:
             raise InvalidArgument("volume_id is required")
-        if not VOLUME_ID.fullmatch(volume_id):
+        if is_provisioned_id(volume_id):
+            Volumes.check_provisioned_id(volume_id)
+        elif not VOLUME_ID.fullmatch(volume_id):
             raise InvalidArgument(
                 f"volume_id {volume_id[:140]!r} is not valid: use 1-128 characters "
                 "[A-Za-z0-9._-], starting with a letter or digit (no path separators)"
+            )
+
+    @staticmethod
+    def check_provisioned_id(volume_id: str) -> None:
+        if not volume_id:
+            raise InvalidArgument("volume_id is required")
+        if node_of(volume_id) is None:
+            raise InvalidArgument(
+                f"volume_id {volume_id[:140]!r} is not a volume this driver provisioned: "
+                "expected <node name>/<32 hex digits>, at most 128 characters"
             )
 
     def check_target(self, target: str, what: str = "target_path") -> None:
@@ -184,6 +238,11 @@ class Volumes:
     # publish -----------------------------------------------------------------------------
     def publish(self, request: PublishRequest) -> None:
         self.check_volume_id(request.volume_id)
+        if is_provisioned_id(request.volume_id):
+            raise InvalidArgument(
+                f"volume {request.volume_id} is a provisioned volume: it must be staged, not "
+                "published as an inline ephemeral volume"
+            )
         self.check_target(request.target_path)
         with self.locks.hold(request.volume_id):
             record = self.journal.load(request.volume_id)
@@ -229,14 +288,8 @@ class Volumes:
         )
         try:
             with self._step("reserve"):
-                self._reserve(record)
-            with self._step("create_backing"):
-                if not self.host.exists(names.backing):
-                    self.host.create_backing(names.backing, spec.backing_bytes, spec.preallocate)
-            with self._step("attach"):
-                device = self.host.loop_find(names.backing) or self.host.loop_attach(names.backing)
-            if not self.host.crypt_exists(names.mapping):
-                self._format_and_open(names, spec, device)
+                self.reserve(record)
+            self.open_volume(names, spec, keyring=True)
             with self._step("mkfs"):  # always: never trust what is on the device
                 self.host.mkfs(names.mapper_device, spec.fs_type)
             with self._step("mount"):
@@ -253,15 +306,31 @@ class Volumes:
             self._rollback(names, request.target_path)
             raise
 
-    def _format_and_open(self, names: Names, spec: VolumeSpec, device: str) -> None:
+    def open_volume(self, names: Names, spec: VolumeSpec, *, keyring: bool) -> None:
+        """Create the backing file, attach it, format it with a fresh key and open the mapping;
+        each step only if not done yet. ``keyring=False`` (provisioned volumes) keeps the key in
+        the dm-crypt table, which is what lets ``cryptsetup resize`` grow it later."""
+        with self._step("create_backing"):
+            if not self.host.exists(names.backing):
+                self.host.create_backing(names.backing, spec.backing_bytes, spec.preallocate)
+        with self._step("attach"):
+            device = self.host.loop_find(names.backing) or self.host.loop_attach(names.backing)
+        if not self.host.crypt_exists(names.mapping):
+            self._format_and_open(names, spec, device, keyring)
+
+    def _format_and_open(self, names: Names, spec: VolumeSpec, device: str, keyring: bool) -> None:
         """Format with a fresh key and open it; the key is zeroed when this returns."""
-        header = names.header if spec.header == "detached" else None
+        header = self.header_of(names, spec)
         options = LuksFormat(spec.cipher, key_bits(spec), spec.integrity, header)
         with self.key_source(PASSPHRASE_BYTES) as key:
             with self._step("format"):
                 self.host.luks_format(device, key, options)
             with self._step("open"):
-                self.host.crypt_open(device, names.mapping, key, header)
+                self.host.crypt_open(device, names.mapping, key, header, keyring=keyring)
+
+    @staticmethod
+    def header_of(names: Names, spec: VolumeSpec) -> str | None:
+        return names.header if spec.header == "detached" else None
 
     def _mount(self, names: Names, request: PublishRequest) -> None:
         spec = request.spec
@@ -281,27 +350,29 @@ class Volumes:
                 names.mapper_device, request.target_path, spec.fs_type, ["ro", *options]
             )
 
-    def _reserve(self, record: Record) -> None:
-        """Count the volume against the node's limits and write its record atomically."""
-        need = record.spec.backing_bytes
+    def reserve(self, record: Record, *, new_volume: bool = True) -> None:
+        """Count the volume at its full charge against the node's limits (the volume count, the
+        admin's budget, and the data dir's free space minus what sparse volumes may still
+        claim), then write its record atomically. Also used to grow a reservation."""
+        need = record.charge
         with self._capacity:
             others = [r for r in self.journal.all() if r.volume_id != record.volume_id]
-            if len(others) >= self.config.max_volumes:
+            if new_volume and len(others) >= self.config.max_volumes:
                 raise ResourceExhausted(
                     f"this node already has {len(others)} volumes, its limit "
                     f"(--max-volumes={self.config.max_volumes})"
                 )
-            reserved = sum(r.spec.backing_bytes for r in others)
+            reserved = sum(r.charge for r in others)
             budget = self.config.capacity
             if budget and reserved + need > budget:
                 raise ResourceExhausted(
                     f"volume of {format_bytes(need)} does not fit in this node's budget: "
-                    f"{format_bytes(budget - reserved)} of {format_bytes(budget)} left; "
+                    f"{format_bytes(max(0, budget - reserved))} of {format_bytes(budget)} left; "
                     "ask for a smaller size or schedule the pod elsewhere"
                 )
             promised = sum(self._unallocated(r) for r in others)
             free = self.host.free_bytes(self.config.data_dir)
-            if need + promised > free:
+            if self._unallocated(record) + promised > free:
                 raise ResourceExhausted(
                     f"volume of {format_bytes(need)} does not fit in the data dir "
                     f"{self.config.data_dir}: {free // 2**20} MiB free, "
@@ -309,10 +380,22 @@ class Volumes:
                 )
             self.journal.write(record)
 
+    def room(self) -> int:
+        """Bytes the charge of one more volume may take now (0 at the volume limit)."""
+        with self._capacity:
+            records = self.journal.all()
+            if len(records) >= self.config.max_volumes:
+                return 0
+            free = self.host.free_bytes(self.config.data_dir)
+            room = free - sum(self._unallocated(r) for r in records)
+            if self.config.capacity:
+                room = min(room, self.config.capacity - sum(r.charge for r in records))
+            return max(0, room)
+
     def _unallocated(self, record: Record) -> int:
         """Bytes a sparse volume may still claim from the data dir's free space."""
         allocated = self.host.allocated_bytes(self.names(record.volume_id).backing)
-        return max(0, record.spec.backing_bytes - allocated)
+        return max(0, record.charge - allocated)
 
     # unpublish ---------------------------------------------------------------------------
     def unpublish(self, volume_id: str, target_path: str) -> None:
@@ -344,6 +427,27 @@ class Volumes:
                 self.host.umount(target)
             if target:
                 self.host.remove_dir(target)
+        self.release(names)
+        with self._step("forget"):
+            self.journal.delete(names.volume_id)
+
+    def release_staged(self, record: Record) -> None:
+        """Take a provisioned volume back to RESERVED: unmount its staging path, close (wiping
+        the key), detach, delete. Its record, and so its reservation, stays until DeleteVolume."""
+        names = self.names(record.volume_id)
+        with self._step("unmount"):
+            staging = record.staging_path
+            if staging and self.host.mount_source(staging) == names.mapper_device:
+                self.host.umount(staging)  # the staging dir itself belongs to the CO
+        self.release(names)
+        record.state = RESERVED
+        record.staging_path = ""
+        record.targets = {}
+        record.step = ""
+        self.journal.write(record)
+
+    def release(self, names: Names) -> None:
+        """Close, detach and delete whatever of the volume still exists; refuse while mounted."""
         with self._step("close"):
             still = self.host.mountpoints_of(names.mapper_device)
             if still:
@@ -362,8 +466,6 @@ class Volumes:
             self.host.remove_file(names.header)
         if existed:
             self.events.shredded()
-        with self._step("forget"):
-            self.journal.delete(names.volume_id)
 
     # stats -------------------------------------------------------------------------------
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
@@ -371,19 +473,33 @@ class Volumes:
         if not volume_path:
             raise InvalidArgument("volume_path is required")
         record = self.journal.load(volume_id)
-        if record is None or record.state != PUBLISHED:
+        if record is None or record.state not in (PUBLISHED, STAGED):
             raise NotFound(f"volume {volume_id} is not published on this node")
-        if record.target_path != volume_path:
+        if volume_path not in self.paths_of(record):
             raise NotFound(f"volume {volume_id} is not published at {volume_path}")
         names = self.names(volume_id)
-        health = self.health(names, record)
-        usage = self.host.fs_stats(volume_path) if self._mounted(names, record) else None
-        return VolumeStats(usage, health)
+        health = self.health(names, record, volume_path)
+        if record.spec.access_type == "block":
+            size = self.host.device_size(names.mapper_device) if not health.abnormal else None
+            return VolumeStats(None, health, size)
+        mounted = self.host.mount_source(volume_path) == names.mapper_device
+        return VolumeStats(self.host.fs_stats(volume_path) if mounted else None, health)
+
+    @staticmethod
+    def paths_of(record: Record) -> list[str]:
+        """Where the volume is visible: its inline target, or its staging path and targets."""
+        if not record.provisioned:
+            return [record.target_path]
+        return [p for p in (record.staging_path, *record.targets) if p]
 
     def _mounted(self, names: Names, record: Record) -> bool:
-        return self.host.mount_source(record.target_path) == names.mapper_device
+        if record.provisioned and record.spec.access_type == "block":
+            return self.host.crypt_exists(names.mapping)  # staged = open; nothing to mount
+        path = record.staging_path if record.provisioned else record.target_path
+        return self.host.mount_source(path) == names.mapper_device
 
-    def health(self, names: Names, record: Record) -> VolumeHealth:
+    def health(self, names: Names, record: Record, path: str = "") -> VolumeHealth:
+        path = path or (record.staging_path if record.provisioned else record.target_path)
         problems = []
         if not self.host.exists(names.backing):
             problems.append(f"backing file {names.backing} is gone")
@@ -391,8 +507,13 @@ class Volumes:
             problems.append("loop device is detached")
         if not self.host.crypt_exists(names.mapping):
             problems.append(f"mapping {names.mapping} is closed")
-        elif not self._mounted(names, record):
-            problems.append(f"filesystem is not mounted at {record.target_path}")
+        elif record.spec.access_type == "block":
+            if record.provisioned and path != record.staging_path and not (
+                self.host.is_mountpoint(path)
+            ):
+                problems.append(f"device is not bound at {path}")
+        elif self.host.mount_source(path) != names.mapper_device:
+            problems.append(f"filesystem is not mounted at {path}")
         elif (errors := self.host.fs_error_count(names.mapper_device)) > 0:
             problems.append(f"filesystem has recorded {errors} errors")
         if problems:
@@ -408,7 +529,7 @@ class Volumes:
             counts[key] = counts.get(key, 0) + 1
         return Usage(
             budget=self.config.capacity,
-            reserved=sum(r.spec.backing_bytes for r in records),
+            reserved=sum(r.charge for r in records),
             provisioned=sum(r.spec.size for r in records),
             allocated=sum(self.host.allocated_bytes(self.names(r.volume_id).backing)
                           for r in records),
@@ -435,18 +556,27 @@ class Volumes:
 
     # start-up ----------------------------------------------------------------------------
     def reconcile(self) -> ReconcileReport:
-        """Roll back half-done publishes and remove objects no record accounts for."""
+        """Roll back half-done work and remove objects no record accounts for.
+
+        A half-done inline publish is torn down and forgotten (kubelet retries it); a half-done
+        stage or unstage of a provisioned volume goes back to RESERVED, keeping the capacity
+        that CreateVolume reserved (kubelet retries the stage, or the CO deletes the volume).
+        """
         report = ReconcileReport()
         self.journal.remove_partial_writes()
         known: set[str] = set()
         for record in self.journal.all():
             names = self.names(record.volume_id)
-            if record.state == PUBLISHED:
+            if record.state not in HALF_DONE:
                 known.add(names.digest)
                 continue
             try:
                 with self.locks.hold(record.volume_id):
-                    self._teardown(names, record.target_path)
+                    if record.provisioned:
+                        self.release_staged(record)
+                        known.add(names.digest)
+                    else:
+                        self._teardown(names, record.target_path)
                 report.rolled_back.append(record.volume_id)
             except DriverError as exc:
                 known.add(names.digest)

@@ -142,7 +142,8 @@ def test_record_json_has_no_key_fields(journal: Journal, tmp_path: Path) -> None
     journal.write(make_record())
     (path,) = journal_dir(tmp_path).iterdir()
     data = json.loads(path.read_text())
-    assert set(data) == {"volume_id", "state", "spec", "target_path", "pod", "created_at", "step"}
+    assert set(data) == {"volume_id", "state", "spec", "target_path", "pod", "created_at", "step",
+                         "name", "claim", "staging_path", "targets", "grow_to"}  # fmt: skip
     assert not any("key" in k or "secret" in k or "pass" in k for k in data["spec"])
 
 

@@ -225,9 +225,11 @@ def test_format_and_open_get_the_same_key_which_is_wiped_after(
         seen.append(("format", key, bytes(key.view)))
         real_format(device, key, options)
 
-    def crypt_open(device: str, name: str, key: VolumeKey, header: str | None) -> None:
+    def crypt_open(
+        device: str, name: str, key: VolumeKey, header: str | None, *, keyring: bool = True
+    ) -> None:
         seen.append(("open", key, bytes(key.view)))
-        real_open(device, name, key, header)
+        real_open(device, name, key, header, keyring=keyring)
 
     monkeypatch.setattr(host, "luks_format", luks_format)
     monkeypatch.setattr(host, "crypt_open", crypt_open)
