@@ -24,9 +24,10 @@ from csi.identity import IdentityServicer
 from csi.kube import KubeApi, PodEvents
 from csi.metrics import Metrics, MetricsServer
 from csi.metrics import serve as serve_metrics
-from csi.node import NodeServicer, Notify, no_notify
+from csi.node import NodeServicer, Notify, no_notify, topology_key
 from csi.params import format_bytes
 from csi.proto import csi_pb2_grpc
+from csi.provision import Provisioner
 from csi.reaper import OrphanReaper
 from csi.server import LoggingInterceptor, Server
 from csi.volumes import Volumes
@@ -64,10 +65,9 @@ def build_server(
     if config.serves_node and volumes is not None:
         node = NodeServicer(config, volumes, notify)
         register.append(lambda s: csi_pb2_grpc.add_NodeServicer_to_server(node, s))
-    if config.serves_controller:
-        register.append(
-            lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(), s)
-        )
+    if config.serves_controller and volumes is not None:
+        controller = ControllerServicer(Provisioner(volumes, topology_key(config.driver_name)))
+        register.append(lambda s: csi_pb2_grpc.add_ControllerServicer_to_server(controller, s))
     interceptor = LoggingInterceptor(metrics.rpc if metrics is not None else None)
     return Server(config.socket_path, register, interceptor)
 
@@ -118,17 +118,17 @@ def run(
 ) -> int:
     """Start everything ``config`` asks for, serve until ``stop`` is set, then shut down."""
     environ = dict(os.environ) if environ is None else environ
-    volumes = None
     cluster = None
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
     PlatformCollector(registry=registry)
     metrics = Metrics(registry, config.driver_name)
+    # every mode needs the lifecycle: the controller reserves capacity in this node's journal
+    os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
+    volumes = Volumes(config, host or LinuxHost(), after_step=crash_hook(environ),
+                      events=metrics)  # fmt: skip
+    metrics.watch_usage(volumes.usage)
     if config.serves_node:
-        os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-        volumes = Volumes(config, host or LinuxHost(), after_step=crash_hook(environ),
-                          events=metrics)  # fmt: skip
-        metrics.watch_usage(volumes.usage)
         report = volumes.reconcile()
         log.info(
             "start-up reconcile done",

@@ -34,6 +34,9 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):  # type: ignore[misc]
         if self.config.serves_controller:
             types.insert(0, Cap.Service.CONTROLLER_SERVICE)
         caps = [Cap(service=Cap.Service(type=t)) for t in types]
+        if self.config.serves_controller:  # staged volumes grow while pods use them
+            online = Cap.VolumeExpansion.ONLINE
+            caps.append(Cap(volume_expansion=Cap.VolumeExpansion(type=online)))
         return pb.GetPluginCapabilitiesResponse(capabilities=caps)
 
     @handles_errors

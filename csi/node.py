@@ -8,20 +8,15 @@ from dataclasses import dataclass
 
 import grpc
 
+from csi.capability import Mode, capability_of, check_access_mode, required_capability
 from csi.config import Config
 from csi.errors import DriverError, InvalidArgument, ResourceExhausted
-from csi.params import (
-    VolumeSpec,
-    check_combination,
-    parse_attributes,
-    validate_fs_type,
-    validate_mount_flags,
-    validate_mount_group,
-)
+from csi.params import VolumeSpec, check_combination, parse_attributes
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
 from csi.rpc import handles_errors
-from csi.volumes import PublishRequest, Volumes
+from csi.staged import ExpandRequest, StagedVolumes, StageRequest, TargetRequest
+from csi.volumes import PublishRequest, Volumes, is_provisioned_id
 
 TOPOLOGY_KEY_SUFFIX = "/node"
 EPHEMERAL = "csi.storage.k8s.io/ephemeral"
@@ -30,13 +25,6 @@ POD_KEYS = {
     "csi.storage.k8s.io/pod.namespace": "namespace",
     "csi.storage.k8s.io/pod.uid": "uid",
     "csi.storage.k8s.io/serviceAccount.name": "service_account",
-}
-Mode = pb.VolumeCapability.AccessMode.Mode
-SINGLE_NODE_MODES = {
-    Mode.SINGLE_NODE_WRITER,
-    Mode.SINGLE_NODE_READER_ONLY,
-    Mode.SINGLE_NODE_SINGLE_WRITER,
-    Mode.SINGLE_NODE_MULTI_WRITER,
 }
 RpcType = pb.NodeServiceCapability.RPC.Type
 
@@ -76,6 +64,7 @@ def pod_of(volume_context: dict[str, str]) -> PodRef | None:
 
 
 def topology_key(driver_name: str) -> str:
+    """``<driver>/node``: the one topology segment, whose value is the node id."""
     return driver_name + TOPOLOGY_KEY_SUFFIX
 
 
@@ -89,22 +78,17 @@ def spec_from_request(request: pb.NodePublishVolumeRequest, config: Config) -> V
                               "is not supported for them")
     if not capability.HasField("mount"):
         raise InvalidArgument("volume_capability must set the mount access type")
-    mode = capability.access_mode.mode
-    if mode not in SINGLE_NODE_MODES:
-        raise InvalidArgument(
-            f"access mode {Mode.Name(mode)} is not supported: volumes are local to one node "
-            "(use a SINGLE_NODE_* mode)"
-        )
+    check_access_mode(capability)
     attributes = dict(request.volume_context)
     fields = parse_attributes(attributes, min_size=config.min_size, max_size=config.max_size)
-    mount = capability.mount
+    cap = capability_of(capability)
     spec = VolumeSpec(
         **fields,
-        fs_type=validate_fs_type(mount.fs_type),
+        fs_type=cap.fs_type,
         access_type="mount",
-        mount_flags=validate_mount_flags(list(mount.mount_flags)),
-        readonly=request.readonly or mode == Mode.SINGLE_NODE_READER_ONLY,
-        mount_group=validate_mount_group(mount.volume_mount_group),
+        mount_flags=cap.mount_flags,
+        readonly=request.readonly or capability.access_mode.mode == Mode.SINGLE_NODE_READER_ONLY,
+        mount_group=cap.mount_group,
     )
     check_combination(spec)
     return spec
@@ -114,6 +98,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def __init__(self, config: Config, volumes: Volumes, notify: Notify = no_notify) -> None:
         self.config = config
         self.volumes = volumes
+        self.staged = StagedVolumes(volumes)
         self.notify = notify
 
     @handles_errors
@@ -132,7 +117,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeGetCapabilities(
         self, request: pb.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
     ) -> pb.NodeGetCapabilitiesResponse:
-        types = [RpcType.GET_VOLUME_STATS, RpcType.VOLUME_CONDITION, RpcType.VOLUME_MOUNT_GROUP]
+        types = [RpcType.STAGE_UNSTAGE_VOLUME, RpcType.EXPAND_VOLUME, RpcType.GET_VOLUME_STATS,
+                 RpcType.VOLUME_CONDITION, RpcType.VOLUME_MOUNT_GROUP]  # fmt: skip
         caps = [pb.NodeServiceCapability(rpc=pb.NodeServiceCapability.RPC(type=t)) for t in types]
         return pb.NodeGetCapabilitiesResponse(capabilities=caps)
 
@@ -152,10 +138,22 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
 
     def _publish(self, request: pb.NodePublishVolumeRequest) -> None:
         if request.volume_context.get(EPHEMERAL) != "true":
-            raise InvalidArgument(
-                "only inline ephemeral volumes (volume_context csi.storage.k8s.io/ephemeral=true) "
-                "are supported by this driver version; persistent volumes need staging"
+            if not is_provisioned_id(request.volume_id):
+                raise InvalidArgument(
+                    f"volume {request.volume_id} is neither an inline ephemeral volume "
+                    f"(volume_context {EPHEMERAL}=true) nor a volume this driver provisioned "
+                    "(<node>/<hash>, staged first)"
+                )
+            self.staged.publish(
+                TargetRequest(
+                    volume_id=request.volume_id,
+                    staging_path=request.staging_target_path,
+                    target_path=request.target_path,
+                    capability=required_capability(request),
+                    readonly=request.readonly,
+                )
             )
+            return
         spec = spec_from_request(request, self.config)
         pod = {v: request.volume_context[k] for k, v in POD_KEYS.items()
                if k in request.volume_context}
@@ -176,8 +174,51 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeUnpublishVolume(
         self, request: pb.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodeUnpublishVolumeResponse:
-        self.volumes.unpublish(request.volume_id, request.target_path)
+        if is_provisioned_id(request.volume_id):
+            self.staged.unpublish(request.volume_id, request.target_path)
+        else:
+            self.volumes.unpublish(request.volume_id, request.target_path)
         return pb.NodeUnpublishVolumeResponse()
+
+    @handles_errors
+    def NodeStageVolume(
+        self, request: pb.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> pb.NodeStageVolumeResponse:
+        self.volumes.check_provisioned_id(request.volume_id)
+        self.staged.stage(
+            StageRequest(
+                volume_id=request.volume_id,
+                staging_path=request.staging_target_path,
+                capability=required_capability(request),
+                context=dict(request.volume_context),
+            )
+        )
+        return pb.NodeStageVolumeResponse()
+
+    @handles_errors
+    def NodeUnstageVolume(
+        self, request: pb.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> pb.NodeUnstageVolumeResponse:
+        self.staged.unstage(request.volume_id, request.staging_target_path)
+        return pb.NodeUnstageVolumeResponse()
+
+    @handles_errors
+    def NodeExpandVolume(
+        self, request: pb.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> pb.NodeExpandVolumeResponse:
+        if not request.HasField("capacity_range"):
+            raise InvalidArgument("capacity_range is required: the size to grow the volume to")
+        if request.HasField("volume_capability"):
+            capability_of(request.volume_capability)
+        size = self.staged.expand(
+            ExpandRequest(
+                volume_id=request.volume_id,
+                volume_path=request.volume_path,
+                required=int(request.capacity_range.required_bytes),
+                limit=int(request.capacity_range.limit_bytes),
+            )
+        )
+        return pb.NodeExpandVolumeResponse(capacity_bytes=size)
 
     @handles_errors
     def NodeGetVolumeStats(
@@ -185,6 +226,8 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     ) -> pb.NodeGetVolumeStatsResponse:
         stats = self.volumes.stats(request.volume_id, request.volume_path)
         usage = []
+        if stats.block_bytes is not None:
+            usage = [pb.VolumeUsage(total=stats.block_bytes, unit=pb.VolumeUsage.BYTES)]
         if stats.usage is not None:
             u = stats.usage
             usage = [

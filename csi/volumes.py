@@ -225,7 +225,7 @@ class Volumes:
 
     # steps -------------------------------------------------------------------------------
     @contextmanager
-    def _step(self, name: str) -> Iterator[None]:
+    def timed_step(self, name: str) -> Iterator[None]:
         start = time.monotonic()
         ok = False
         try:
@@ -287,14 +287,14 @@ class Volumes:
             created_at=time.time(),
         )
         try:
-            with self._step("reserve"):
+            with self.timed_step("reserve"):
                 self.reserve(record)
             self.open_volume(names, spec, keyring=True)
-            with self._step("mkfs"):  # always: never trust what is on the device
+            with self.timed_step("mkfs"):  # always: never trust what is on the device
                 self.host.mkfs(names.mapper_device, spec.fs_type)
-            with self._step("mount"):
+            with self.timed_step("mount"):
                 self._mount(names, request)
-            with self._step("record"):
+            with self.timed_step("record"):
                 record.state = PUBLISHED
                 record.step = "published"
                 self.journal.write(record)
@@ -310,10 +310,10 @@ class Volumes:
         """Create the backing file, attach it, format it with a fresh key and open the mapping;
         each step only if not done yet. ``keyring=False`` (provisioned volumes) keeps the key in
         the dm-crypt table, which is what lets ``cryptsetup resize`` grow it later."""
-        with self._step("create_backing"):
+        with self.timed_step("create_backing"):
             if not self.host.exists(names.backing):
                 self.host.create_backing(names.backing, spec.backing_bytes, spec.preallocate)
-        with self._step("attach"):
+        with self.timed_step("attach"):
             device = self.host.loop_find(names.backing) or self.host.loop_attach(names.backing)
         if not self.host.crypt_exists(names.mapping):
             self._format_and_open(names, spec, device, keyring)
@@ -323,9 +323,9 @@ class Volumes:
         header = self.header_of(names, spec)
         options = LuksFormat(spec.cipher, key_bits(spec), spec.integrity, header)
         with self.key_source(PASSPHRASE_BYTES) as key:
-            with self._step("format"):
+            with self.timed_step("format"):
                 self.host.luks_format(device, key, options)
-            with self._step("open"):
+            with self.timed_step("open"):
                 self.host.crypt_open(device, names.mapping, key, header, keyring=keyring)
 
     @staticmethod
@@ -421,21 +421,21 @@ class Volumes:
 
     def _teardown(self, names: Names, target: str) -> None:
         """Unmount, close (wiping the key), detach, delete; each step only if still needed."""
-        with self._step("unmount"):
+        with self.timed_step("unmount"):
             # only our own mount: a stale or foreign mount at the path is not ours to remove
             if target and self.host.mount_source(target) == names.mapper_device:
                 self.host.umount(target)
             if target:
                 self.host.remove_dir(target)
         self.release(names)
-        with self._step("forget"):
+        with self.timed_step("forget"):
             self.journal.delete(names.volume_id)
 
     def release_staged(self, record: Record) -> None:
         """Take a provisioned volume back to RESERVED: unmount its staging path, close (wiping
         the key), detach, delete. Its record, and so its reservation, stays until DeleteVolume."""
         names = self.names(record.volume_id)
-        with self._step("unmount"):
+        with self.timed_step("unmount"):
             staging = record.staging_path
             if staging and self.host.mount_source(staging) == names.mapper_device:
                 self.host.umount(staging)  # the staging dir itself belongs to the CO
@@ -448,7 +448,7 @@ class Volumes:
 
     def release(self, names: Names) -> None:
         """Close, detach and delete whatever of the volume still exists; refuse while mounted."""
-        with self._step("close"):
+        with self.timed_step("close"):
             still = self.host.mountpoints_of(names.mapper_device)
             if still:
                 raise FailedPrecondition(
@@ -456,11 +456,11 @@ class Volumes:
                     "it stays open"
                 )
             self.host.crypt_close(names.mapping)
-        with self._step("detach"):
+        with self.timed_step("detach"):
             device = self.host.loop_find(names.backing)
             if device:
                 self.host.loop_detach(device)
-        with self._step("delete"):
+        with self.timed_step("delete"):
             existed = self.host.exists(names.backing)
             self.host.remove_file(names.backing)
             self.host.remove_file(names.header)

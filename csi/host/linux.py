@@ -9,7 +9,7 @@ import os
 import shutil
 import stat
 
-from csi.errors import Busy, Internal
+from csi.errors import Busy, FailedPrecondition, Internal
 from csi.host import FsStats, LuksFormat
 from csi.host.runner import CommandFailed, run
 from csi.keys import VolumeKey
@@ -236,7 +236,16 @@ class LinuxHost:
         argv = ["cryptsetup", "resize"]
         if header:
             argv += ["--header", header]
-        run([*argv, name])
+        try:
+            run([*argv, name])
+        except CommandFailed as exc:
+            if "Nothing to read on input" in exc.stderr or "passphrase" in exc.stderr.lower():
+                raise FailedPrecondition(
+                    f"mapping {name} holds its key by keyring reference (it was opened by an "
+                    "older driver version), and the key is not kept anywhere: it cannot grow "
+                    "online; unstage and stage it again (its data is lost) to get the new size"
+                ) from None
+            raise
 
     def device_size(self, device: str) -> int:
         try:

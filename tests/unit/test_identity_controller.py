@@ -25,7 +25,13 @@ def all_mode() -> Iterator[Harness]:
 
 def services(h: Harness) -> list[int]:
     response = h.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
-    return [cap.service.type for cap in response.capabilities]
+    return [cap.service.type for cap in response.capabilities if cap.HasField("service")]
+
+
+def expansion(h: Harness) -> list[int]:
+    response = h.identity.GetPluginCapabilities(pb.GetPluginCapabilitiesRequest())
+    return [c.volume_expansion.type for c in response.capabilities
+            if c.HasField("volume_expansion")]  # fmt: skip
 
 
 def test_get_plugin_info(harness: Harness) -> None:
@@ -43,6 +49,7 @@ def test_get_plugin_info_uses_configured_name(harness: Harness) -> None:
 
 def test_plugin_capabilities_node_mode(harness: Harness) -> None:
     assert services(harness) == [Service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
+    assert expansion(harness) == []
 
 
 def test_plugin_capabilities_all_mode(all_mode: Harness) -> None:
@@ -50,6 +57,7 @@ def test_plugin_capabilities_all_mode(all_mode: Harness) -> None:
     assert sorted(found) == sorted(
         [Service.CONTROLLER_SERVICE, Service.VOLUME_ACCESSIBILITY_CONSTRAINTS]
     )
+    assert expansion(all_mode) == [pb.PluginCapability.VolumeExpansion.ONLINE]
 
 
 def test_probe_ready(harness: Harness) -> None:
@@ -75,7 +83,10 @@ def test_probe_names_missing_tool(harness: Harness) -> None:
 def test_controller_get_capabilities_all_mode(all_mode: Harness) -> None:
     response = all_mode.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest())
     assert isinstance(response, pb.ControllerGetCapabilitiesResponse)
-    assert list(response.capabilities) == []  # no provisioning in this version
+    rpc = pb.ControllerServiceCapability.RPC.Type
+    assert sorted(c.rpc.type for c in response.capabilities) == sorted(
+        [rpc.CREATE_DELETE_VOLUME, rpc.GET_CAPACITY, rpc.EXPAND_VOLUME]
+    )
 
 
 def test_controller_service_absent_in_node_mode(harness: Harness) -> None:
@@ -87,10 +98,10 @@ def test_controller_service_absent_in_node_mode(harness: Harness) -> None:
 @pytest.mark.parametrize(
     ("method", "request_message"),
     [
-        ("CreateVolume", pb.CreateVolumeRequest(name="pvc-1")),
-        ("DeleteVolume", pb.DeleteVolumeRequest(volume_id="vol-1")),
         ("ControllerPublishVolume", pb.ControllerPublishVolumeRequest(volume_id="vol-1")),
-        ("GetCapacity", pb.GetCapacityRequest()),
+        ("ControllerUnpublishVolume", pb.ControllerUnpublishVolumeRequest(volume_id="vol-1")),
+        ("ListVolumes", pb.ListVolumesRequest()),
+        ("CreateSnapshot", pb.CreateSnapshotRequest(name="snap-1")),
     ],
 )
 def test_unimplemented_controller_rpc(
@@ -98,12 +109,6 @@ def test_unimplemented_controller_rpc(
 ) -> None:
     with pytest.raises(grpc.RpcError) as err:
         getattr(all_mode.controller, method)(request_message)
-    assert code_of(err.value) == grpc.StatusCode.UNIMPLEMENTED
-
-
-def test_unimplemented_node_rpc(harness: Harness) -> None:
-    with pytest.raises(grpc.RpcError) as err:
-        harness.node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id="vol-1"))
     assert code_of(err.value) == grpc.StatusCode.UNIMPLEMENTED
 
 

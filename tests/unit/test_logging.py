@@ -95,7 +95,7 @@ def test_failing_rpc_logs_its_code(harness: Harness, caplog: pytest.LogCaptureFi
         (lambda h: h.node.NodeGetVolumeStats(
             pb.NodeGetVolumeStatsRequest(volume_id="nope", volume_path="/x")), "NOT_FOUND"),
         (lambda h: h.node.NodeStageVolume(pb.NodeStageVolumeRequest(volume_id="v")),
-         "UNIMPLEMENTED"),
+         "INVALID_ARGUMENT"),
     ],
 )  # fmt: skip
 def test_other_failure_codes_are_logged(

@@ -101,9 +101,9 @@ def test_node_get_capabilities(harness: Harness) -> None:
     response = harness.node.NodeGetCapabilities(pb.NodeGetCapabilitiesRequest())
     types = [cap.rpc.type for cap in response.capabilities]
     assert sorted(types) == sorted(
-        [RpcType.GET_VOLUME_STATS, RpcType.VOLUME_CONDITION, RpcType.VOLUME_MOUNT_GROUP]
-    )
-    assert RpcType.STAGE_UNSTAGE_VOLUME not in types
+        [RpcType.STAGE_UNSTAGE_VOLUME, RpcType.EXPAND_VOLUME, RpcType.GET_VOLUME_STATS,
+         RpcType.VOLUME_CONDITION, RpcType.VOLUME_MOUNT_GROUP]
+    )  # fmt: skip
 
 
 # --- NodePublishVolume: parameters --------------------------------------------------------
@@ -402,13 +402,16 @@ def test_publish_multi_node_access_mode_refused(harness: Harness, mode: int) -> 
 
 
 @pytest.mark.parametrize("value", [None, "false", "True"])
-def test_publish_non_ephemeral_refused(harness: Harness, value: str | None) -> None:
+def test_publish_neither_inline_nor_provisioned_refused(
+    harness: Harness, value: str | None
+) -> None:
+    """Without ephemeral=true the volume must be one this driver provisioned (and staged)."""
     request = request_for(harness)
     if value is None:
         del request.volume_context["csi.storage.k8s.io/ephemeral"]
     else:
         request.volume_context["csi.storage.k8s.io/ephemeral"] = value
-    refused(harness, request, "ephemeral")
+    refused(harness, request, "ephemeral", "provisioned")
 
 
 # --- idempotency, conflicts, concurrency -------------------------------------------------

@@ -270,7 +270,10 @@ def test_run_starts_the_reaper_with_api_access_and_stops_it(
     kubelet = Kubelet(config.endpoint, kubelet_root, timeout=30)
     try:
         kubelet.wait_ready(10)
-        assert any(t.name == "orphan-reaper" for t in threading.enumerate())
+        deadline = time.monotonic() + 10  # the reaper starts right after the server serves
+        while not any(t.name == "orphan-reaper" for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the reaper never started"
+            time.sleep(0.02)
         kubelet.publish(InlineVolume("uid-b", "scratch", attributes={"size": "64Mi"}))
         with pytest.raises(grpc.RpcError):
             kubelet.publish(InlineVolume("uid-c", "scratch", attributes={"colour": "x"}))
