@@ -19,7 +19,7 @@ from csi.keys import KeySource, random_key
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
 from csi.server import Server
-from csi.tools.kubelet import InlineVolume, Kubelet
+from csi.tools.kubelet import InlineVolume, Kubelet, Provisioner, PvcVolume
 from csi.volumes import ReconcileReport, StepHook, Volumes
 
 
@@ -46,7 +46,7 @@ class Harness:
         self.config = Config(
             mode=mode,
             endpoint=f"unix://{self.dir}/csi.sock",
-            node_id="node-1",
+            node_id=overrides.pop("node_id", "node-1"),
             state_dir=os.path.join(self.dir, "state"),
             data_dir=os.path.join(self.dir, "data"),
             kubelet_root=os.path.join(self.dir, "kubelet"),
@@ -78,6 +78,7 @@ class Harness:
         self.node = self.kubelet.node
         self.identity = self.kubelet.identity
         self.controller = csi_pb2_grpc.ControllerStub(channel)
+        self.provisioner = Provisioner(channel, self.config.driver_name, timeout=30)
 
     def stop(self) -> None:
         if self.kubelet is not None:
@@ -97,6 +98,19 @@ class Harness:
     def unpublish(self, pod: str = "pod-a", name: str = "scratch") -> None:
         assert self.kubelet is not None
         self.kubelet.unpublish(pod, name)
+
+    # provisioned volumes --------------------------------------------------------------------
+    @property
+    def k(self) -> Kubelet:
+        assert self.kubelet is not None
+        return self.kubelet
+
+    def provision(self, name: str = "pvc-1", size: int = 64 * 1024**2, **kwargs: Any) -> PvcVolume:
+        """CreateVolume on this node, as csi-provisioner does for a PVC."""
+        return self.provisioner.create(name, self.config.node_id, size, **kwargs)
+
+    def record(self, volume_id: str) -> Any:
+        return self.volumes.journal.load(volume_id)
 
     def journal_files(self) -> list[str]:
         path = os.path.join(self.config.state_dir, "volumes")
