@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from csi.staged import EXPAND_STEPS, STAGE_STEPS
+from csi.staged import PUBLISH_STEPS as BIND_STEPS
 from csi.volumes import PUBLISH_STEPS, Events, Usage
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ class Metrics(Events):
             ["reason"], registry=registry,
         )  # fmt: skip
         # export known series at 0, so rate() and absent-series alerts work from the first scrape
-        for step in (*PUBLISH_STEPS, *TEARDOWN_STEPS):
+        for step in (*PUBLISH_STEPS, *TEARDOWN_STEPS, *STAGE_STEPS, *BIND_STEPS, *EXPAND_STEPS):
             self.step_failures.labels(step=step)
         for reason in ORPHAN_REASONS:
             self.orphans.labels(reason=reason)

@@ -21,7 +21,7 @@ from csi.metrics import Metrics, MetricsServer
 from csi.metrics import serve as serve_metrics
 from csi.node import Notify, no_notify
 from csi.proto import csi_pb2_grpc
-from csi.tools.kubelet import Kubelet
+from csi.tools.kubelet import Kubelet, Provisioner
 from csi.volumes import Volumes
 from tests.unit.harness import Harness
 
@@ -53,6 +53,7 @@ class MetricsHarness(Harness):
         self.node = self.kubelet.node
         self.identity = self.kubelet.identity
         self.controller = csi_pb2_grpc.ControllerStub(self.kubelet.channel)
+        self.provisioner = Provisioner(self.kubelet.channel, self.config.driver_name, timeout=30)
 
     def close(self) -> None:
         super().close()

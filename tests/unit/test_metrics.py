@@ -166,6 +166,33 @@ def test_a_broken_journal_does_not_break_the_scrape(mh: MetricsHarness) -> None:
     assert mh.scrape().value("luks_ephemeral_volumes", backing="loop", mode="mount") == 1
 
 
+def test_provisioned_volumes_are_counted_reserved_and_by_mode() -> None:
+    mh = MetricsHarness(mode="all", capacity=1 * GiB)
+    try:
+        block = mh.provisioner.create("pvc-b", "node-1", 64 * MiB, block=True)
+        mh.provisioner.create("pvc-m", "node-1", 32 * MiB)
+        s = mh.scrape()  # reserved by CreateVolume: counted before anything is on disk
+        assert s.value("luks_ephemeral_volumes", backing="loop", mode="block") == 1
+        assert s.value("luks_ephemeral_volumes", backing="loop", mode="mount") == 1
+        assert s.value("luks_ephemeral_capacity_bytes", kind="reserved") == 96 * MiB
+        assert s.value("luks_ephemeral_provisioned_bytes") == 96 * MiB
+        assert s.value("luks_ephemeral_allocated_bytes") == 0
+        assert mh.kubelet is not None
+        mh.kubelet.stage(block)
+        mh.kubelet.publish_pvc(block, "pod-a")
+        assert mh.kubelet.expand(block, 128 * MiB, "pod-a") == 128 * MiB
+        s = mh.scrape()
+        assert s.value("luks_ephemeral_capacity_bytes", kind="reserved") == 160 * MiB
+        for step in ("create_backing", "attach", "format", "open", "bind", "grow_backing",
+                     "refresh_loop", "resize_mapping"):  # fmt: skip
+            assert s.value("luks_ephemeral_step_seconds_count", step=step) == 1, step
+        assert s.value("luks_ephemeral_step_failures_total", step="grow_fs") == 0
+        assert s.value(OPS, method_name="CreateVolume", grpc_status_code="OK") == 2
+        assert s.value(OPS, method_name="NodeExpandVolume", grpc_status_code="OK") == 1
+    finally:
+        mh.close()
+
+
 # --- units --------------------------------------------------------------------------------
 
 
