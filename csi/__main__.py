@@ -21,6 +21,7 @@ from csi.errors import DriverError
 from csi.host import Host
 from csi.host.linux import LinuxHost
 from csi.identity import IdentityServicer
+from csi.journal import Record
 from csi.kube import KubeApi, PodEvents
 from csi.metrics import Metrics, MetricsServer
 from csi.metrics import serve as serve_metrics
@@ -159,6 +160,13 @@ def run(
     return 0
 
 
+def owner_of(record: Record) -> str:
+    """Who the volume is for: the inline volume's pod, or the PVC (``pvc:namespace/name``)."""
+    if record.provisioned:
+        return f"pvc:{record.claim}" if record.claim else "pvc"
+    return "/".join(p for p in (record.pod.get("namespace"), record.pod.get("name")) if p)
+
+
 def list_volumes(config: Config, as_json: bool) -> int:
     volumes = Volumes(config, LinuxHost())
     rows = []
@@ -166,13 +174,14 @@ def list_volumes(config: Config, as_json: bool) -> int:
         rec = info.record
         rows.append({
             "volume_id": rec.volume_id,
-            "pod": "/".join(p for p in (rec.pod.get("namespace"), rec.pod.get("name")) if p),
+            "pod": owner_of(rec),
             "state": rec.state,
             "size": format_bytes(rec.spec.size),
             "allocated": info.allocated_bytes,
             "loop": info.loop_device or "-",
             "mapping": info.names.mapping if info.mapping_open else "-",
-            "mount": rec.target_path if info.mounted else "-",
+            "mount": (rec.staging_path if rec.provisioned else rec.target_path)
+                     if info.mounted else "-",
         })  # fmt: skip
     if as_json:
         print(json.dumps(rows, indent=2))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from csi.__main__ import CRASH_ENV, crash_hook, main
-from csi.journal import CREATING, PUBLISHED, Journal, Record
+from csi.journal import CREATING, PUBLISHED, RESERVED, Journal, Record
 from csi.params import VolumeSpec
 
 MiB = 1024**2
@@ -84,6 +84,18 @@ def test_volumes_as_json(
         "volume_id": "csi-volume-one", "pod": "shop/web-0", "state": "published",
         "size": "64Mi", "allocated": 0, "loop": "-", "mapping": "-", "mount": "-",
     }]  # fmt: skip
+
+
+def test_volumes_lists_a_reserved_pvc_by_its_claim(
+    dirs: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record = Record(volume_id="node-1/" + "a" * 32, state=RESERVED,
+                    spec=VolumeSpec(size=64 * MiB), target_path="", name="pvc-1",
+                    claim="shop/data-web-0")  # fmt: skip
+    Journal(str(tmp_path / "state")).write(record)
+    assert main(["volumes", *dirs]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:4] == ["node-1/" + "a" * 32, "pvc:shop/data-web-0", "reserved", "64Mi"]
 
 
 def test_volumes_with_a_bad_flag_exits_with_usage(
