@@ -246,7 +246,6 @@ class Provisioner:
     def validate(self, volume_id: str, context: dict[str, str], parameters: dict[str, str],
                  capabilities: list[Capability]) -> None:  # fmt: skip
         """Raise NotFound for an unknown volume; InvalidArgument for what it cannot do."""
-        self.core.check_volume_id(volume_id)
         node = node_of(volume_id)
         if node is None:
             raise NotFound(f"volume {volume_id} is not a volume this driver provisioned")

@@ -508,9 +508,8 @@ class Volumes:
         if not self.host.crypt_exists(names.mapping):
             problems.append(f"mapping {names.mapping} is closed")
         elif record.spec.access_type == "block":
-            if record.provisioned and path != record.staging_path and not (
-                self.host.is_mountpoint(path)
-            ):
+            bound = path == record.staging_path or self.host.is_mountpoint(path)
+            if not bound:  # a block volume is staged by opening it; targets are binds
                 problems.append(f"device is not bound at {path}")
         elif self.host.mount_source(path) != names.mapper_device:
             problems.append(f"filesystem is not mounted at {path}")

@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from csi.journal import Names
-from csi.tools.kubelet import InlineVolume, Kubelet
+from csi.tools.kubelet import InlineVolume, Kubelet, Provisioner
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,8 @@ class SmallFs:
 class Driver:
     """The real ``python -m csi node`` process, as a DaemonSet would run it."""
 
-    def __init__(self, base: Path, data_dir: Path, *extra: str) -> None:
+    def __init__(self, base: Path, data_dir: Path, *extra: str, mode: str = "node") -> None:
+        self.mode = mode
         self.base = base
         self.run_dir = Path(tempfile.mkdtemp(prefix="lec-", dir="/run"))
         self.state_dir = self.run_dir / "state"
@@ -88,9 +89,10 @@ class Driver:
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
         self.kubelet: Kubelet | None = None
+        self.provisioner: Provisioner | None = None
 
     def start(self, env: dict[str, str] | None = None) -> None:
-        argv = [sys.executable, "-m", "csi", "node", "--endpoint", self.endpoint,
+        argv = [sys.executable, "-m", "csi", self.mode, "--endpoint", self.endpoint,
                 "--node-id", "node-test", "--state-dir", str(self.state_dir),
                 "--data-dir", str(self.data_dir), "--kubelet-root", str(self.kubelet_root),
                 "--min-size", "16Mi", *self.extra]  # fmt: skip
@@ -109,6 +111,7 @@ class Driver:
                 raise AssertionError(f"driver did not start:\n{self.log()}")
             time.sleep(0.1)
         self.kubelet.wait_ready(300)
+        self.provisioner = Provisioner(self.kubelet.channel, "luks-ephemeral.csi.io", timeout=600)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -117,6 +120,11 @@ class Driver:
     def k(self) -> Kubelet:
         assert self.kubelet is not None
         return self.kubelet
+
+    @property
+    def p(self) -> Provisioner:
+        assert self.provisioner is not None
+        return self.provisioner
 
     def kill(self) -> None:
         """SIGKILL, like an OOM kill or a crashed container."""
@@ -203,6 +211,20 @@ def loops_on(directory: Path) -> list[str]:
 def cryptsetup_keys() -> list[str]:
     with open("/proc/keys") as f:
         return [line.strip() for line in f if "cryptsetup:" in line]
+
+
+def volume_leftovers(driver: Driver, volume_id: str) -> list[str]:
+    """What a deleted provisioned volume could leave: kernel objects, files, its record."""
+    names = Names.of(volume_id, str(driver.data_dir), str(driver.state_dir))
+    found = [f"mapping {m}" for m in crypt_mappings() if m == names.mapping]
+    found += [f"loop {line}" for line in loops_on(driver.data_dir) if names.backing in line]
+    found += [f"file {p}" for p in (names.backing, names.header) if os.path.exists(p)]
+    record = driver.state_dir / "volumes" / f"{names.digest}.json"
+    found += [f"record {record}"] if record.exists() else []
+    found += [f"mount {m}" for m in mountpoints() if m.startswith(str(driver.kubelet_root) + "/")]
+    if not crypt_mappings():
+        found += [f"key {k}" for k in cryptsetup_keys()]
+    return found
 
 
 def leftovers(driver: Driver, pod: str, name: str = "scratch") -> list[str]:

@@ -374,6 +374,7 @@ def test_validate_volume_capabilities(h: Harness) -> None:
     assert not bad.HasField("confirmed") and "colour" in bad.message
     fails(lambda: validate(h, "node-1/" + "1" * 32), grpc.StatusCode.NOT_FOUND)
     fails(lambda: validate(h, "csi-1234"), grpc.StatusCode.NOT_FOUND)
+    fails(lambda: validate(h, "not/an id!"), grpc.StatusCode.NOT_FOUND)
     empty = pb.ValidateVolumeCapabilitiesRequest(volume_id=volume.volume_id)
     fails(lambda: h.controller.ValidateVolumeCapabilities(empty, timeout=30),
           grpc.StatusCode.INVALID_ARGUMENT)  # fmt: skip
