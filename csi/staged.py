@@ -242,8 +242,21 @@ class StagedVolumes:
         else:
             if self.host.mount_source(target) == names.mapper_device:
                 return
+            self._check_staging_mounted(names, record)
             self.host.make_dir(target)
             self.host.bind_mount(record.staging_path, target, options)
+
+    def _check_staging_mounted(self, names: Names, record: Record) -> None:
+        """Never bind an unmounted staging dir: the pod would write plaintext to the node's
+        root disk. Remount it if the mapping is still open; refuse if it is not."""
+        if self.host.mount_source(record.staging_path) == names.mapper_device:
+            return
+        if not self.host.crypt_exists(names.mapping):
+            raise FailedPrecondition(
+                f"volume {record.volume_id} lost its encrypted mapping, so its data is gone; "
+                "unstage it (delete its pods) to get a fresh volume"
+            )
+        self._mount_staging(names, record)
 
     def _unbind_quietly(self, record: Record, target: str) -> None:
         try:

@@ -131,6 +131,24 @@ def test_publish_rules(h: Harness) -> None:
     finish(h, pv)
 
 
+def test_publish_never_binds_an_unmounted_staging_dir(h: Harness) -> None:
+    """A bind of the bare staging dir would put the pod's plaintext on the node's disk."""
+    pv = h.provision(size=64 * MiB)
+    staging = h.k.stage(pv)
+    names = h.volumes.names(pv.volume_id)
+    del h.host.mounts[staging]  # someone unmounted it behind our back
+    target = h.k.publish_pvc(pv, "pod-a")
+    assert h.host.mounts[staging].source == names.mapper_device  # remounted first
+    assert h.host.mounts[target].source == names.mapper_device
+    del h.host.mounts[staging]
+    del h.host.mounts[target]
+    h.host.mappings.clear()  # and now the key is gone too
+    details = fails(lambda: h.k.publish_pvc(pv, "pod-b"), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "data is gone" in details
+    assert h.k.pvc_target(pv, "pod-b") not in h.host.mounts
+    assert h.k.pvc_target(pv, "pod-b") not in h.record(pv.volume_id).targets
+
+
 def test_failed_bind_is_undone(h: Harness) -> None:
     pv = h.provision(size=64 * MiB)
     h.k.stage(pv)
