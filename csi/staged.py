@@ -356,7 +356,10 @@ class StagedVolumes:
                 raise FailedPrecondition(
                     f"volume {request.volume_id} is not staged on this node ({record.state})"
                 )
-            if request.volume_path not in self.core.paths_of(record):
+            # kubelet names a filesystem volume by its staging path; for a block volume it passes
+            # a device path of its own, which this driver does not use
+            mounted = record.spec.access_type == MOUNT
+            if mounted and request.volume_path not in self.core.paths_of(record):
                 raise NotFound(
                     f"volume {request.volume_id} is not staged or published at "
                     f"{request.volume_path}"
@@ -399,8 +402,10 @@ class StagedVolumes:
 
 
 def check_expandable(spec: VolumeSpec) -> None:
+    """INVALID_ARGUMENT, not FAILED_PRECONDITION: to kubelet and csi-resizer the latter means
+    "retry once the volume is not in use", which would never help here."""
     if spec.integrity != "none":
-        raise FailedPrecondition(
+        raise InvalidArgument(
             f"volumes with integrity={spec.integrity} cannot grow: the dm-integrity layer under "
             "the mapping keeps its size; create a new volume of the size you need"
         )
