@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 from csi.journal import Names
-from csi.tools.kubelet import InlineVolume, Kubelet, Provisioner
+from csi.tools.kubelet import InlineVolume, Kubelet, Provisioner, PvcVolume
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -213,15 +213,17 @@ def cryptsetup_keys() -> list[str]:
         return [line.strip() for line in f if "cryptsetup:" in line]
 
 
-def volume_leftovers(driver: Driver, volume_id: str) -> list[str]:
-    """What a deleted provisioned volume could leave: kernel objects, files, its record."""
-    names = Names.of(volume_id, str(driver.data_dir), str(driver.state_dir))
+def volume_leftovers(driver: Driver, pv: PvcVolume) -> list[str]:
+    """What a deleted provisioned volume could leave: kernel objects, files, its record, its
+    staging and target mounts (kubelet paths name the PV)."""
+    names = Names.of(pv.volume_id, str(driver.data_dir), str(driver.state_dir))
     found = [f"mapping {m}" for m in crypt_mappings() if m == names.mapping]
     found += [f"loop {line}" for line in loops_on(driver.data_dir) if names.backing in line]
     found += [f"file {p}" for p in (names.backing, names.header) if os.path.exists(p)]
     record = driver.state_dir / "volumes" / f"{names.digest}.json"
     found += [f"record {record}"] if record.exists() else []
-    found += [f"mount {m}" for m in mountpoints() if m.startswith(str(driver.kubelet_root) + "/")]
+    found += [f"mount {m}" for m in mountpoints()
+              if m.startswith(str(driver.kubelet_root) + "/") and f"/{pv.pv_name}/" in m + "/"]
     if not crypt_mappings():
         found += [f"key {k}" for k in cryptsetup_keys()]
     return found

@@ -66,7 +66,7 @@ def measure(d: Driver, preallocate: bool) -> dict[str, float]:
     d.k.unpublish_pvc(pv, "pod-a")
     d.k.unstage(pv)
     d.p.delete(pv.volume_id)
-    assert volume_leftovers(d, pv.volume_id) == []
+    assert volume_leftovers(d, pv) == []
     # the promise is made at CreateVolume: writing into the volume does not change what is left
     assert room_reserved == room_staged == room_written
     return {
@@ -106,7 +106,7 @@ def test_sparse_volumes_cannot_overcommit_the_data_dir(base: Path) -> None:
         assert "promised" in str(err.value.details())
         d.k.unstage(pv)
         d.p.delete(pv.volume_id)
-        assert volume_leftovers(d, pv.volume_id) == []
+        assert volume_leftovers(d, pv) == []
     finally:
         d.cleanup()
         fs.close()
