@@ -154,8 +154,16 @@ def test_known_key_never_reaches_journal_logs_or_errors(
     class BrokenOpen(LinuxHost):
         """Real cryptsetup, pointed at a missing header: a real error message to inspect."""
 
-        def crypt_open(self, device: str, name: str, key: VolumeKey, header: str | None) -> None:
-            super().crypt_open(device, name, key, "/run/lec-no-such-header")
+        def crypt_open(
+            self,
+            device: str,
+            name: str,
+            key: VolumeKey,
+            header: str | None,
+            *,
+            keyring: bool = True,
+        ) -> None:
+            super().crypt_open(device, name, key, "/run/lec-no-such-header", keyring=keyring)
 
     caplog.set_level(logging.DEBUG)
     target = str(kubelet / "pods" / "u2" / "volumes" / "kubernetes.io~csi" / "v" / "mount")
