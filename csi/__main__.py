@@ -20,6 +20,7 @@ from csi.controller import ControllerServicer
 from csi.errors import DriverError
 from csi.host import Host
 from csi.host.linux import LinuxHost
+from csi.host.nbd import Qcow2Nbd
 from csi.identity import IdentityServicer
 from csi.journal import Record
 from csi.kube import KubeApi, PodEvents
@@ -59,7 +60,9 @@ def build_server(
     metrics: Metrics | None = None,
     notify: Notify = no_notify,
 ) -> Server:
-    host = volumes.host if volumes is not None else None
+    # only a node plugin needs the node's kernel and tools; a controller-only pod (the chart's
+    # csi-resizer Deployment) has neither and is still ready
+    host = volumes.host if volumes is not None and config.serves_node else None
     register: list[Callable[[grpc.Server], None]] = [
         lambda s: csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(config, host), s)
     ]
@@ -126,7 +129,7 @@ def run(
     metrics = Metrics(registry, config.driver_name)
     # every mode needs the lifecycle: the controller reserves capacity in this node's journal
     os.makedirs(config.data_dir, mode=0o700, exist_ok=True)
-    volumes = Volumes(config, host or LinuxHost(), after_step=crash_hook(environ),
+    volumes = Volumes(config, host or linux_host(config), after_step=crash_hook(environ),
                       events=metrics)  # fmt: skip
     metrics.watch_usage(volumes.usage)
     if config.serves_node:
@@ -160,6 +163,14 @@ def run(
     return 0
 
 
+def linux_host(config: Config) -> LinuxHost:
+    """The real host; qcow2 volumes only when a qemu-storage-daemon socket is configured."""
+    qcow2 = None
+    if config.qsd_socket:
+        qcow2 = Qcow2Nbd(config.qsd_socket, os.path.join(config.state_dir, "nbd"))
+    return LinuxHost(qcow2=qcow2)
+
+
 def owner_of(record: Record) -> str:
     """Who the volume is for: the inline volume's pod, or the PVC (``pvc:namespace/name``)."""
     if record.provisioned:
@@ -168,7 +179,7 @@ def owner_of(record: Record) -> str:
 
 
 def list_volumes(config: Config, as_json: bool) -> int:
-    volumes = Volumes(config, LinuxHost())
+    volumes = Volumes(config, linux_host(config))
     rows = []
     for info in volumes.list():
         rec = info.record

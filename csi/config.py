@@ -34,6 +34,7 @@ class Config:
     reaper_grace: float = 300.0  # seconds a volume's pod must be gone before the volume is reaped
     reaper_interval: float = 60.0  # seconds between the orphan reaper's rounds
     kube_api_url: str = ""  # dev/test: an API server URL used without credentials
+    qsd_socket: str = ""  # qemu-storage-daemon's QMP socket; empty: backing=qcow2 is refused
 
     @property
     def socket_path(self) -> str:
@@ -46,6 +47,12 @@ class Config:
     @property
     def serves_controller(self) -> bool:
         return self.mode in ("controller", "all")
+
+
+def _absolute(flag: str, path: str) -> str:
+    if path and not path.startswith("/"):
+        raise InvalidArgument(f"--{flag} {path!r} must be an absolute path")
+    return path
 
 
 def endpoint_path(endpoint: str) -> str:
@@ -77,6 +84,9 @@ _FLAGS: dict[str, tuple[str, str]] = {
                      "gone from the node before the orphan reaper tears the volume down"),
     "reaper-interval": ("REAPER_INTERVAL", "how often (seconds, or 30s/5m/1h) the orphan reaper "
                         "lists this node's pods"),
+    "qsd-socket": ("QSD_SOCKET", "QMP socket of the qemu-storage-daemon that serves qcow2 "
+                   "volumes (it must outlive the driver: run it as a sidecar); empty refuses "
+                   "backing=qcow2"),
     "kube-api-url": ("KUBE_API_URL", ""),  # hidden: development and tests only
 }
 HIDDEN_FLAGS = {"kube-api-url"}
@@ -154,6 +164,7 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
         reaper_grace=duration("reaper-grace", base.reaper_grace, 0),
         reaper_interval=duration("reaper-interval", base.reaper_interval, 1),
         kube_api_url=_kube_api_url(get("kube-api-url", base.kube_api_url)),
+        qsd_socket=_absolute("qsd-socket", get("qsd-socket", base.qsd_socket)),
     )
     endpoint_path(config.endpoint)
     if config.min_size > config.max_size:

@@ -12,8 +12,9 @@ import os
 import threading
 from dataclasses import dataclass, field
 
-from csi.errors import Busy, Internal
+from csi.errors import Busy, FailedPrecondition, Internal
 from csi.host import FsStats, LuksFormat
+from csi.host.qmp import QmpError
 from csi.host.runner import CommandFailed
 from csi.keys import VolumeKey
 
@@ -21,6 +22,7 @@ STEPS = (
     "create_backing", "loop_attach", "luks_format", "crypt_open", "mkfs", "mount",
     "set_volume_root", "umount", "crypt_close", "loop_detach", "remove_file",
     "grow_backing", "loop_refresh", "crypt_resize", "fs_grow", "bind_mount", "make_file",
+    "qcow2_create", "nbd_attach", "nbd_detach",
 )  # fmt: skip
 ATTACHED_OFFSET = 1024**2  # where the data starts behind an attached LUKS2 header
 
@@ -49,8 +51,12 @@ class FakeHost:
     luks: dict[str, str] = field(default_factory=dict)  # header location -> key hash
     luks_options: dict[str, LuksFormat] = field(default_factory=dict)
     mappings: dict[str, str] = field(default_factory=dict)  # name -> device
+    qcow2_sizes: dict[str, int] = field(default_factory=dict)  # image -> virtual size
     keyring: dict[str, bool] = field(default_factory=dict)  # name -> key held by keyring ref
-    loop_sizes: dict[str, int] = field(default_factory=dict)  # device -> size seen by the loop
+    loop_sizes: dict[str, int] = field(default_factory=dict)  # device -> size seen by loop/nbd
+    qsd_running: bool = True  # qemu-storage-daemon reachable (qcow2 backing possible)
+    exports: dict[str, str] = field(default_factory=dict)  # NBD export -> qcow2 image
+    nbds: dict[str, str] = field(default_factory=dict)  # /dev/nbdN -> export it is connected to
     mapping_sizes: dict[str, int] = field(default_factory=dict)  # name -> size of the mapping
     fs_sizes: dict[str, int] = field(default_factory=dict)  # device -> size of its filesystem
     filesystems: dict[str, str] = field(default_factory=dict)  # device -> fs type
@@ -63,6 +69,7 @@ class FakeHost:
     seen_keys: list[bytes] = field(default_factory=list)  # for tests that hunt for key leaks
     _lock: threading.RLock = field(default_factory=threading.RLock)
     _next_loop: int = 0
+    _next_nbd: int = 0
 
     # fault injection ---------------------------------------------------------------------
     def fail(self, step: str, error: BaseException | None = None) -> None:
@@ -78,6 +85,8 @@ class FakeHost:
     def reboot(self) -> None:
         """What a node reboot leaves: files on disk only (tmpfs dirs are the caller's job)."""
         self.loops.clear()
+        self.exports.clear()
+        self.nbds.clear()
         self.mappings.clear()
         self.keyring.clear()
         self.loop_sizes.clear()
@@ -87,7 +96,19 @@ class FakeHost:
         self.busy.clear()
 
     def is_empty(self) -> bool:
-        return not (self.files or self.loops or self.mappings or self.mounts or self.luks)
+        return not (
+            self.files or self.loops or self.mappings or self.mounts or self.luks or self.exports
+            or self.nbds
+        )  # fmt: skip
+
+    def restart_qsd(self) -> None:
+        """qemu-storage-daemon restarted: every export is gone, kernel devices stay, dead."""
+        self.exports.clear()
+
+    def _backing_of(self, device: str) -> str:
+        if device in self.loops:
+            return self.loops[device]
+        return self.exports.get(self.nbds.get(device, ""), "")
 
     # files -------------------------------------------------------------------------------
     def create_backing(self, path: str, size: int, preallocate: bool) -> None:
@@ -115,6 +136,7 @@ class FakeHost:
             self._enter("remove_file", path)
             self.files.pop(path, None)
             self.luks.pop(path, None)
+            self.qcow2_sizes.pop(path, None)
 
     def exists(self, path: str) -> bool:
         return path in self.files or path in self.dirs or path in self.symlinks
@@ -194,6 +216,58 @@ class FakeHost:
                 raise CommandFailed(["losetup"], 1, f"{device}: No such device or address")
             self.loop_sizes[device] = self.files[self.loops[device]].size
 
+    # qcow2 over NBD --------------------------------------------------------------------
+    def qcow2_unavailable(self) -> str | None:
+        return None if self.qsd_running else "qemu-storage-daemon is not running (fake)"
+
+    def qcow2_create(self, path: str, size: int, preallocate: bool) -> None:
+        with self._lock:
+            self._enter("qcow2_create", path)
+            if size > self.free:
+                raise CommandFailed(["qemu-img"], 1, f"{path}: No space left on device")
+            metadata = 256 * 1024  # header, L1 and refcount tables
+            self.files[path] = FakeFile(metadata, size + metadata if preallocate else metadata)
+            self.qcow2_sizes[path] = size
+
+    def nbd_find(self, export: str) -> str | None:
+        for device, name in self.nbds.items():
+            if name == export:
+                return device
+        return None
+
+    def nbd_attach(self, backing: str, export: str) -> str:
+        with self._lock:
+            self._enter("nbd_attach", export)
+            if not self.qsd_running:
+                raise FailedPrecondition("qemu-storage-daemon is not reachable (fake)")
+            if backing not in self.files:
+                raise QmpError("blockdev-add", "GenericError", f"Could not open '{backing}'")
+            self.exports[export] = backing
+            device = self.nbd_find(export)
+            if device is None:
+                device = f"/dev/nbd{self._next_nbd}"
+                self._next_nbd += 1
+                self.nbds[device] = export
+            self.loop_sizes[device] = self.qcow2_sizes[backing]
+            return device
+
+    def nbd_detach(self, export: str) -> None:
+        with self._lock:
+            self._enter("nbd_detach", export)
+            device = self.nbd_find(export)
+            if device is not None:
+                if any(m == device for m in self.mappings.values()):
+                    raise CommandFailed(["nbd-client"], 1, f"{device} is in use by a mapping")
+                del self.nbds[device]
+                self.loop_sizes.pop(device, None)
+            self.exports.pop(export, None)
+
+    def nbd_exports(self) -> list[str]:
+        return sorted(set(self.exports) | set(self.nbds.values()))
+
+    def nbd_export_alive(self, export: str) -> bool:
+        return export in self.exports
+
     # dm-crypt ----------------------------------------------------------------------------
     @staticmethod
     def _fingerprint(key: VolumeKey) -> str:
@@ -202,7 +276,7 @@ class FakeHost:
     def luks_format(self, device: str, key: VolumeKey, options: LuksFormat) -> None:
         with self._lock:
             self._enter("luks_format", device)
-            location = options.header or self.loops[device]
+            location = options.header or self._backing_of(device)
             self.luks[location] = self._fingerprint(key)
             self.luks_options[location] = options
             if options.header:
@@ -216,7 +290,7 @@ class FakeHost:
             self._enter("crypt_open", f"{device} {name}")
             if name in self.mappings:
                 raise CommandFailed(["cryptsetup"], 5, f"Device {name} already exists.")
-            location = header or self.loops.get(device, "")
+            location = header or self._backing_of(device)
             if self.luks.get(location) != self._fingerprint(key):
                 raise CommandFailed(["cryptsetup"], 2, "No key available with this passphrase.")
             self.mappings[name] = device

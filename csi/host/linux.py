@@ -11,6 +11,7 @@ import stat
 
 from csi.errors import Busy, FailedPrecondition, Internal
 from csi.host import FsStats, LuksFormat
+from csi.host.nbd import Qcow2Nbd
 from csi.host.runner import CommandFailed, run
 from csi.keys import VolumeKey
 
@@ -26,6 +27,10 @@ REQUIRED_TOOLS = (
 )  # fmt: skip
 # Per-mount (VFS) flags: the only ones a bind remount can change; filesystem options such as
 # commit= apply to the superblock and were set when the volume was staged.
+QCOW2_OFF = (
+    "backing=qcow2 is off on this node: the driver runs without --qsd-socket (the chart's "
+    "value qcow2.enabled); use backing=loop"
+)
 BIND_FLAGS = frozenset(
     {"ro", "rw", "nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime", "strictatime"}
 )
@@ -56,8 +61,9 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, s
 class LinuxHost:
     """Every method checks the kernel's view first, so repeating a step is harmless."""
 
-    def __init__(self, sysfs: str = "/sys") -> None:
+    def __init__(self, sysfs: str = "/sys", qcow2: Qcow2Nbd | None = None) -> None:
         self.sysfs = sysfs
+        self.qcow2 = qcow2
 
     # files -------------------------------------------------------------------------------
     def create_backing(self, path: str, size: int, preallocate: bool) -> None:
@@ -191,6 +197,34 @@ class LinuxHost:
     def loop_refresh(self, device: str) -> None:
         """Make the loop device see its backing file's new size."""
         run(["losetup", "--set-capacity", device])
+
+    # qcow2 over NBD --------------------------------------------------------------------
+    def _nbd(self) -> Qcow2Nbd:
+        if self.qcow2 is None:
+            raise FailedPrecondition(QCOW2_OFF)
+        return self.qcow2
+
+    def qcow2_unavailable(self) -> str | None:
+        return QCOW2_OFF if self.qcow2 is None else self.qcow2.unavailable()
+
+    def qcow2_create(self, path: str, size: int, preallocate: bool) -> None:
+        self._nbd().create(path, size, preallocate)
+
+    def nbd_find(self, export: str) -> str | None:
+        return self.qcow2.find(export) if self.qcow2 else None
+
+    def nbd_attach(self, backing: str, export: str) -> str:
+        return self._nbd().attach(backing, export)
+
+    def nbd_detach(self, export: str) -> None:
+        if self.qcow2:
+            self.qcow2.detach(export)
+
+    def nbd_exports(self) -> list[str]:
+        return self.qcow2.exports() if self.qcow2 else []
+
+    def nbd_export_alive(self, export: str) -> bool:
+        return self.qcow2.export_alive(export) if self.qcow2 else False
 
     # dm-crypt ----------------------------------------------------------------------------
     def luks_format(self, device: str, key: VolumeKey, options: LuksFormat) -> None:
