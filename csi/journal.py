@@ -88,8 +88,9 @@ class Record:
     @property
     def charge(self) -> int:
         """Bytes this volume holds against the node: its full size (or the size an expansion is
-        growing it to) plus an attached header's area, whether or not a block is written yet."""
-        return max(self.spec.size, self.grow_to) + self.spec.backing_bytes - self.spec.size
+        growing it to) plus an attached header's area and qcow2 tables, whether or not a block
+        is written yet."""
+        return max(self.spec.size, self.grow_to) + self.spec.disk_bytes - self.spec.size
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -112,6 +112,7 @@ class Provisioner:
             if record is not None:
                 self._check_same(record, request, spec)
                 return self._provisioned(record)
+            self.core.check_backing_available(spec)
             record = Record(
                 volume_id=volume_id, state=RESERVED, spec=spec, target_path="",
                 name=request.name, claim=claim_of(request.parameters), created_at=time.time(),

@@ -132,6 +132,7 @@ class StagedVolumes:
         if record.grow_to > spec.size:  # grown by ControllerExpandVolume while not staged
             spec = dataclasses.replace(spec, size=record.grow_to)
         check_combination(spec)
+        self.core.check_backing_available(spec)
         record.spec, record.grow_to = spec, 0
         record.state, record.staging_path, record.targets = STAGING, request.staging_path, {}
         self.journal.write(record)  # intent first: start-up rolls a crash back from here
@@ -404,6 +405,11 @@ class StagedVolumes:
 def check_expandable(spec: VolumeSpec) -> None:
     """INVALID_ARGUMENT, not FAILED_PRECONDITION: to kubelet and csi-resizer the latter means
     "retry once the volume is not in use", which would never help here."""
+    if spec.backing == "qcow2":
+        raise InvalidArgument(
+            "qcow2 volumes cannot grow: the kernel NBD client does not learn a new export size "
+            "while connected; use backing=loop for volumes that must grow"
+        )
     if spec.integrity != "none":
         raise InvalidArgument(
             f"volumes with integrity={spec.integrity} cannot grow: the dm-integrity layer under "

@@ -286,6 +286,7 @@ class Volumes:
             pod=dict(request.pod),
             created_at=time.time(),
         )
+        self.check_backing_available(spec)
         try:
             with self.timed_step("reserve"):
                 self.reserve(record)
@@ -312,11 +313,32 @@ class Volumes:
         the dm-crypt table, which is what lets ``cryptsetup resize`` grow it later."""
         with self.timed_step("create_backing"):
             if not self.host.exists(names.backing):
-                self.host.create_backing(names.backing, spec.backing_bytes, spec.preallocate)
+                if spec.backing == "qcow2":
+                    self.host.qcow2_create(names.backing, spec.backing_bytes, spec.preallocate)
+                else:
+                    self.host.create_backing(names.backing, spec.backing_bytes, spec.preallocate)
         with self.timed_step("attach"):
-            device = self.host.loop_find(names.backing) or self.host.loop_attach(names.backing)
+            device = self.attach(names, spec)
         if not self.host.crypt_exists(names.mapping):
             self._format_and_open(names, spec, device, keyring)
+
+    def attach(self, names: Names, spec: VolumeSpec) -> str:
+        """The backing file as a block device: a loop device, or for qcow2 an NBD device
+        connected to qemu-storage-daemon's export of the image (named like the mapping)."""
+        if spec.backing == "qcow2":
+            return self.host.nbd_find(names.mapping) or self.host.nbd_attach(
+                names.backing, names.mapping
+            )
+        return self.host.loop_find(names.backing) or self.host.loop_attach(names.backing)
+
+    def device_of(self, names: Names) -> str | None:
+        """The block device the backing file is attached as now, if any."""
+        return self.host.loop_find(names.backing) or self.host.nbd_find(names.mapping)
+
+    def check_backing_available(self, spec: VolumeSpec) -> None:
+        """Refuse qcow2 up front where it cannot work, before anything is reserved or made."""
+        if spec.backing == "qcow2" and (reason := self.host.qcow2_unavailable()):
+            raise FailedPrecondition(f"cannot make a qcow2 volume on this node: {reason}")
 
     def _format_and_open(self, names: Names, spec: VolumeSpec, device: str, keyring: bool) -> None:
         """Format with a fresh key and open it; the key is zeroed when this returns."""
@@ -460,6 +482,7 @@ class Volumes:
             device = self.host.loop_find(names.backing)
             if device:
                 self.host.loop_detach(device)
+            self.host.nbd_detach(names.mapping)  # a no-op unless a qcow2 export exists
         with self.timed_step("delete"):
             existed = self.host.exists(names.backing)
             self.host.remove_file(names.backing)
@@ -503,6 +526,11 @@ class Volumes:
         problems = []
         if not self.host.exists(names.backing):
             problems.append(f"backing file {names.backing} is gone")
+        elif record.spec.backing == "qcow2":
+            if self.host.nbd_find(names.mapping) is None:
+                problems.append("NBD device is disconnected")
+            elif not self.host.nbd_export_alive(names.mapping):
+                problems.append("qemu-storage-daemon no longer serves the image (restarted?)")
         elif self.host.loop_find(names.backing) is None:
             problems.append("loop device is detached")
         if not self.host.crypt_exists(names.mapping):
@@ -546,7 +574,7 @@ class Volumes:
                     record=record,
                     names=names,
                     allocated_bytes=self.host.allocated_bytes(names.backing),
-                    loop_device=self.host.loop_find(names.backing),
+                    loop_device=self.device_of(names),
                     mapping_open=self.host.crypt_exists(names.mapping),
                     mounted=self._mounted(names, record),
                 )
@@ -600,6 +628,7 @@ class Volumes:
                 device = self.host.loop_find(path)
                 if device:
                     self.host.loop_detach(device)
+                self.host.nbd_detach(mapping)
                 self.host.remove_file(path)
                 report.count("backing_without_record", self.events)
             except DriverError as exc:
@@ -622,6 +651,16 @@ class Volumes:
                 report.count("loop_without_record", self.events)
             except DriverError as exc:
                 report.failures.append(f"{device}: {exc}")
+        for export in self.host.nbd_exports():
+            digest = export.removeprefix(MAPPING_PREFIX)
+            if digest in known or self.host.mountpoints_of(f"/dev/mapper/{export}"):
+                continue
+            try:
+                self.host.crypt_close(export)  # its image was deleted while the export held it
+                self.host.nbd_detach(export)
+                report.count("export_without_record", self.events)
+            except DriverError as exc:
+                report.failures.append(f"{export}: {exc}")
         header_dir = os.path.join(self.config.state_dir, "headers")
         for name in self.host.list_dir(header_dir):
             match = HEADER_FILE.match(name)
