@@ -119,7 +119,8 @@ class Harness:
     def leftovers(self) -> list[str]:
         """Everything a torn-down volume could leave: fake kernel objects and journal files."""
         h = self.host
-        return [*h.files, *h.loops, *h.mappings, *h.mounts, *h.luks, *self.journal_files()]
+        return [*h.files, *h.loops, *h.mappings, *h.mounts, *h.luks, *h.exports, *h.nbds,
+                *self.journal_files()]  # fmt: skip
 
     def close(self) -> None:
         self.stop()

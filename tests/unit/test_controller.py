@@ -136,7 +136,7 @@ def test_capacity_range_refused(
 @pytest.mark.parametrize(
     ("parameters", "words"),
     [({"colour": "blue"}, ["colour"]),
-     ({"backing": "qcow2"}, ["qcow2"]),
+     ({"backing": "qcow3"}, ["backing", "qcow3"]),
      ({"cipher": "xchacha12,aes-adiantum-plain64", "integrity": "hmac-sha256"}, ["integrity"]),
      ({"size": "2Ti"}, ["size", "maximum"]),
      ({"preallocate": "yes"}, ["preallocate"])],

@@ -80,6 +80,15 @@ def test_probe_names_missing_tool(harness: Harness) -> None:
     assert harness.identity.Probe(pb.ProbeRequest()).ready.value is True
 
 
+def test_probe_in_controller_mode_does_not_need_the_node_s_kernel() -> None:
+    controller_only = Harness(mode="controller")
+    try:
+        controller_only.host.missing = ["device-mapper (/dev/mapper/control)"]
+        assert controller_only.identity.Probe(pb.ProbeRequest()).ready.value is True
+    finally:
+        controller_only.close()
+
+
 def test_controller_get_capabilities_all_mode(all_mode: Harness) -> None:
     response = all_mode.controller.ControllerGetCapabilities(pb.ControllerGetCapabilitiesRequest())
     assert isinstance(response, pb.ControllerGetCapabilitiesResponse)

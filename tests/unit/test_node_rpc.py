@@ -144,9 +144,12 @@ def test_publish_backing_loop(harness: Harness) -> None:
     assert list(harness.host.loops.values()) == [n.backing]
 
 
-def test_publish_backing_qcow2_refused(harness: Harness) -> None:
+def test_publish_backing_qcow2_without_qemu_storage_daemon(harness: Harness) -> None:
+    harness.host.qsd_running = False
     request = request_for(harness, attributes={"size": "64Mi", "backing": "qcow2"})
-    refused(harness, request, "qcow2")
+    details = fails(lambda: publish(harness, request), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "qemu-storage-daemon" in details
+    assert harness.leftovers() == []
 
 
 @pytest.mark.parametrize(("value", "allocated"), [("true", 64 * MiB), ("false", 0)])

@@ -118,7 +118,7 @@ def test_parse_attributes_every_value() -> None:
     )
     assert fields == {
         "size": 512 * MiB,
-        "backing": "qcow2",  # allowed here; check_combination refuses it
+        "backing": "qcow2",
         "preallocate": True,
         "integrity": "hmac-sha256",
         "header": "attached",
@@ -229,11 +229,12 @@ def test_check_combination_accepts_supported() -> None:
     check_combination(VolumeSpec(size=64 * MiB, cipher="xchacha12,aes-adiantum-plain64"))
 
 
-def test_check_combination_refuses_qcow2() -> None:
-    with pytest.raises(InvalidArgument) as err:
-        check_combination(VolumeSpec(size=64 * MiB, backing="qcow2"))
-    assert "backing=qcow2" in str(err.value)
-    assert "backing=loop" in str(err.value)
+def test_qcow2_is_a_valid_combination_and_charges_its_tables() -> None:
+    spec = VolumeSpec(size=64 * MiB, backing="qcow2", header="attached")
+    check_combination(spec)
+    assert spec.disk_bytes > spec.backing_bytes > spec.size
+    loop = VolumeSpec(size=64 * MiB)
+    assert loop.disk_bytes == loop.backing_bytes == loop.size
 
 
 def test_check_combination_refuses_integrity_without_aes() -> None:
