@@ -45,6 +45,7 @@ APT_PACKAGES = (
     "xfsprogs",
     "kmod",
     "busybox-static",
+    "nbd-client",
 )
 # Executable -> Debian package providing it (all needed on the host: the guest sees the host's
 # root filesystem, so the guest's tools are the host's tools).
@@ -52,6 +53,8 @@ REQUIRED_TOOLS = {
     "qemu-system-x86_64": "qemu-system-x86",
     "qemu-img": "qemu-utils",
     "qemu-nbd": "qemu-utils",
+    "qemu-storage-daemon": "qemu-system-common",
+    "nbd-client": "nbd-client",
     "cryptsetup": "cryptsetup-bin",
     "dmsetup": "dmsetup",
     "losetup": "mount",

@@ -1,0 +1,170 @@
+"""qcow2 backing on the real kernel: qemu-img image, qemu-storage-daemon serving it over NBD (a
+separate process, as the chart's sidecar is), the kernel NBD client, then the same LUKS2 path.
+
+The qemu-storage-daemon here is started by the test, never by the driver, so SIGKILL of the
+driver leaves the NBD server and the kernel's connection to it alone."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from csi.host.qmp import Qmp
+from tests.node.conftest import Driver, SmallFs, crypt_mappings, leftovers, sh
+from tests.node.test_crash_real import WRITER
+
+MiB = 1024**2
+MARKER = b"QCOW2-PLAINTEXT-MARKER-7f3a9c "
+
+
+class Qsd:
+    """qemu-storage-daemon with a QMP monitor on a unix socket, daemonized on its own."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="lec-qsd-", dir="/run"))
+        self.socket = self.dir / "qmp.sock"
+        self.pidfile = self.dir / "qsd.pid"
+        sh("qemu-storage-daemon", "--chardev",
+           f"socket,id=qmp,path={self.socket},server=on,wait=off", "--monitor", "chardev=qmp",
+           "--daemonize", "--pidfile", str(self.pidfile))  # fmt: skip
+
+    def exports(self) -> list[str]:
+        with Qmp(str(self.socket)) as qmp:
+            return [e["id"] for e in qmp.execute("query-block-exports")]
+
+    def nodes(self) -> list[str]:
+        with Qmp(str(self.socket)) as qmp:
+            return [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
+
+    def close(self) -> None:
+        if self.pidfile.exists():
+            pid = int(self.pidfile.read_text())
+            os.kill(pid, 15)
+            deadline = time.monotonic() + 30
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.1)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _missing() -> list[str]:
+    missing = [t for t in ("qemu-storage-daemon", "qemu-img", "nbd-client") if not shutil.which(t)]
+    if not glob.glob("/sys/block/nbd*"):
+        missing.append("kernel NBD devices (modprobe nbd)")
+    return missing
+
+
+@pytest.fixture
+def qsd() -> Iterator[Qsd]:
+    if missing := _missing():
+        reason = f"qcow2 tests need {', '.join(missing)}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI: {reason}")
+        pytest.skip(reason)
+    daemon = Qsd()
+    yield daemon
+    daemon.close()
+
+
+@pytest.fixture
+def qdriver(base: Path, data_fs: SmallFs, qsd: Qsd) -> Iterator[Driver]:
+    d = Driver(base, data_fs.mountpoint, "--qsd-socket", str(qsd.socket))
+    d.start()
+    yield d
+    d.cleanup()
+
+
+def connected_nbds() -> list[str]:
+    return sorted(os.path.basename(os.path.dirname(p)) for p in glob.glob("/sys/block/nbd*/pid"))
+
+
+def mapping_device_major(mapping: str) -> int:
+    """The major number of the device under the mapping (43 is nbd, 7 is loop)."""
+    deps = sh("dmsetup", "deps", "-o", "devno", mapping)  # "1 dependencies  : (43, 0)"
+    return int(deps.split("(")[1].split(",")[0])
+
+
+def qcow2_leftovers(driver: Driver, qsd: Qsd, pod: str) -> list[str]:
+    names = driver.names(pod)
+    found = leftovers(driver, pod)
+    found += [f"export {e}" for e in qsd.exports() if e == names.mapping]
+    found += [f"node {n}" for n in qsd.nodes()]
+    found += [f"nbd {d}" for d in connected_nbds()]
+    found += [f"claim {c}" for c in glob.glob(str(driver.state_dir / "nbd" / "*"))]
+    return found
+
+
+def test_qcow2_publish_write_unpublish_no_plaintext(qdriver: Driver, qsd: Qsd) -> None:
+    target = qdriver.publish("pod-q", attributes={"size": "64Mi", "backing": "qcow2"})
+    names = qdriver.names("pod-q")
+    info = json.loads(sh("qemu-img", "info", "-U", "--output=json", names.backing))
+    assert info["format"] == "qcow2"
+    assert info["virtual-size"] == 64 * MiB
+    assert qsd.exports() == [names.mapping]
+    assert mapping_device_major(names.mapping) == 43, "the mapping should sit on an NBD device"
+    assert len(connected_nbds()) == 1
+    data = MARKER * (4 * MiB // len(MARKER))
+    Path(target, "secret.txt").write_bytes(data)
+    os.sync()
+    sh("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+    image = Path(names.backing).read_bytes()
+    assert len(image) > 4 * MiB, "the written data should have reached the image"
+    assert MARKER not in image, "plaintext reached the qcow2 image"
+    assert b"LUKS\xba\xbe" not in image, "the header is detached: no LUKS magic in the image"
+    assert Path(target, "secret.txt").read_bytes() == data
+    assert not qdriver.k.stats("pod-q", "scratch").volume_condition.abnormal
+    qdriver.unpublish("pod-q")
+    assert qcow2_leftovers(qdriver, qsd, "pod-q") == []
+
+
+def test_qcow2_preallocated_image_holds_its_blocks(qdriver: Driver, qsd: Qsd) -> None:
+    qdriver.publish("pod-qp", attributes={"size": "64Mi", "backing": "qcow2",
+                                          "preallocate": "true"})  # fmt: skip
+    allocated = os.stat(qdriver.names("pod-qp").backing).st_blocks * 512
+    assert allocated >= 64 * MiB
+    qdriver.unpublish("pod-qp")
+    assert qcow2_leftovers(qdriver, qsd, "pod-qp") == []
+
+
+def test_qcow2_sigkill_while_writing_keeps_data(qdriver: Driver, qsd: Qsd) -> None:
+    target = qdriver.publish("pod-ql", attributes={"size": "128Mi", "backing": "qcow2"})
+    names = qdriver.names("pod-ql")
+    [device] = connected_nbds()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, f"{target}/live.bin", "300"],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    time.sleep(1)
+    qdriver.kill()
+    assert writer.poll() is None, "the writer should still be writing while the driver is dead"
+    qdriver.start()  # start-up reconcile re-adopts the live volume
+    out, _ = writer.communicate(timeout=900)
+    assert writer.returncode == 0, "the writer saw an I/O error"
+    os.sync()
+    sh("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+    digest = hashlib.sha256(Path(target, "live.bin").read_bytes()).hexdigest()
+    assert digest == out.strip()
+    assert connected_nbds() == [device], "the same NBD device should carry the volume"
+    assert qsd.exports() == [names.mapping]
+    assert crypt_mappings().count(names.mapping) == 1
+    assert not qdriver.k.stats("pod-ql", "scratch").volume_condition.abnormal
+    qdriver.unpublish("pod-ql")
+    assert qcow2_leftovers(qdriver, qsd, "pod-ql") == []
+
+
+def test_qcow2_refused_without_qemu_storage_daemon(driver: Driver) -> None:
+    """The driver started without --qsd-socket refuses qcow2 with the reason, leaving nothing."""
+    with pytest.raises(grpc.RpcError) as err:
+        driver.publish("pod-qn", attributes={"size": "64Mi", "backing": "qcow2"})
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "qsd-socket" in str(err.value.details())
+    assert leftovers(driver, "pod-qn") == []
