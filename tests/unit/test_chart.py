@@ -1,6 +1,7 @@
 """The Helm chart: lint, render, validate every object against the Kubernetes schema, and check
 what matters for a node plugin that handles keys and mounts (privilege, propagation, paths,
-RBAC), plus the optional StorageClass, alerts and dashboard, and the committed manifests/."""
+RBAC), the qsd container that serves qcow2 images, the csi-resizer Deployment, plus the optional
+StorageClass, alerts and dashboard, and the committed manifests/."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tarfile
@@ -22,6 +24,7 @@ import pytest
 import yaml
 
 from csi.config import Config, add_flags, from_args
+from csi.host.nbd import Qcow2Nbd
 from csi.params import CHOICES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -39,6 +42,11 @@ KUBELET_DIR = "/var/lib/kubelet"
 PLUGIN_DIR = f"{KUBELET_DIR}/plugins/{DRIVER}"
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # prometheus-operator: no built-in schema
 SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
+STATE_DIR = "/run/luks-ephemeral-csi"
+DATA_DIR = "/var/lib/luks-ephemeral-csi"
+QMP_SOCKET = f"{STATE_DIR}/qsd/qmp.sock"
+NODE_ACCOUNT = f"{RELEASE}-node"
+CONTROLLER = f"{RELEASE}-controller"
 
 # Everything optional switched on, and a capacity given as a plain number of bytes.
 FULL_VALUES: dict[str, Any] = {
@@ -132,6 +140,31 @@ def containers(objects: list[Obj]) -> dict[str, Obj]:
     return {c["name"]: c for c in pod_spec(objects)["containers"]}
 
 
+def controller_spec(objects: list[Obj]) -> Obj:
+    spec: Obj = find(objects, "Deployment", CONTROLLER)["spec"]["template"]["spec"]
+    return spec
+
+
+def controller_containers(objects: list[Obj]) -> dict[str, Obj]:
+    return {c["name"]: c for c in controller_spec(objects)["containers"]}
+
+
+def mounts(container: Obj) -> dict[str, str]:
+    return {m["name"]: m["mountPath"] for m in container.get("volumeMounts", [])}
+
+
+def render(helm: Path, *settings: str) -> list[Obj]:
+    """The chart with ``--set`` settings; every object checked against the Kubernetes schema."""
+    sets = [arg for setting in settings for arg in ("--set", setting)]
+    done = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *sets)
+    assert done.returncode == 0, done.stderr
+    objects = parse(done.stdout)
+    for obj in objects:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    return objects
+
+
 def host_paths(objects: list[Obj]) -> dict[str, Obj]:
     return {v["name"]: v["hostPath"] for v in pod_spec(objects)["volumes"] if "hostPath" in v}
 
@@ -189,9 +222,11 @@ def test_rendered_kinds(default_objects: list[Obj], full_objects: list[Obj]) -> 
             "Service"}  # fmt: skip
     assert kinds(default_objects) == base
     assert kinds(full_objects) == base | {
-        "Role", "RoleBinding", "StorageClass", "ServiceMonitor", "PrometheusRule", "ConfigMap"
+        "Role", "RoleBinding", "StorageClass", "ServiceMonitor", "PrometheusRule", "ConfigMap",
+        "Deployment",
     }  # fmt: skip
-    namespaced = [o for o in default_objects if o["kind"] in ("ServiceAccount", "DaemonSet")]
+    workloads = ("ServiceAccount", "DaemonSet", "Deployment", "Role", "RoleBinding")
+    namespaced = [o for o in full_objects if o["kind"] in workloads]
     assert all(o["metadata"]["namespace"] == NAMESPACE for o in namespaced)
 
 
@@ -205,6 +240,11 @@ def test_rendered_kinds(default_objects: list[Obj], full_objects: list[Obj]) -> 
         ("node.stateDir=run/relative", "/node/stateDir"),
         ("storageClass.parameters.size=1Gi", "/storageClass/parameters"),  # comes from the claim
         ("node.capcity=1Gi", "/node"),  # a typo is not silently ignored
+        ("node.stateDir=/run/a\\,b", "/node/stateDir"),  # a comma breaks qsd's --chardev option
+        ("node.updateStrategy.type=Recreate", "/node/updateStrategy/type"),  # Deployments only
+        ("qcow2.enabled=yes", "/qcow2/enabled"),
+        ("resizer.enabled=1", "/resizer/enabled"),
+        ("sidecars.resizer.timeout=soon", "/sidecars/resizer/timeout"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm: Path, setting: str, message: str) -> None:
@@ -263,15 +303,19 @@ def test_registrar_registers_the_socket_in_the_plugin_dir(objects: list[Obj]) ->
     assert arg_value(registrar, "--csi-address") == "/csi/csi.sock"
     mounts = {m["name"]: m["mountPath"] for m in registrar["volumeMounts"]}
     assert mounts == {"plugin-dir": "/csi", "registration-dir": "/registration"}
-    # every container reaches the same socket through the same plugin dir
+    # every CSI container reaches the same socket through the same plugin dir; qsd speaks QMP
+    # and NBD over its own sockets, never CSI
     for name, container in containers(objects).items():
         plugin = [m for m in container["volumeMounts"] if m["name"] == "plugin-dir"]
-        assert plugin and plugin[0]["mountPath"] == "/csi", name
+        if name == "qsd":
+            assert not plugin
+        else:
+            assert plugin and plugin[0]["mountPath"] == "/csi", name
 
 
-def driver_config(objects: list[Obj]) -> Config:
+def driver_config(objects: list[Obj], container: Obj | None = None) -> Config:
     """The driver's own CLI parses the chart's args: flags and the chart cannot drift apart."""
-    args = containers(objects)["driver"]["args"]
+    args = (container or containers(objects)["driver"])["args"]
     parser = argparse.ArgumentParser()
     add_flags(parser)
     return from_args(args[0], parser.parse_args(args[1:]), environ={"NODE_ID": "node-a"})
@@ -285,10 +329,11 @@ def test_driver_flags_are_accepted_by_the_driver_cli(
     assert config.socket_path == "/csi/csi.sock"
     assert config.driver_name == DRIVER
     assert config.kubelet_root == KUBELET_DIR
-    assert config.state_dir == "/run/luks-ephemeral-csi"
-    assert config.data_dir == "/var/lib/luks-ephemeral-csi"
+    assert config.state_dir == STATE_DIR
+    assert config.data_dir == DATA_DIR
     assert config.capacity == 0
     assert config.metrics_address == ":9810"
+    assert config.qsd_socket == QMP_SOCKET  # qcow2.enabled is the default
     full = driver_config(full_objects)
     assert full.mode == "all"  # the controller service is served only with controller.enabled
     assert full.capacity == 214748364800  # printed as whole bytes, not 2.147483648e+11
@@ -308,8 +353,8 @@ def test_driver_container_wiring(objects: list[Obj]) -> None:
     assert arg_value(probe, "--csi-address") == "/csi/csi.sock"
 
     paths = host_paths(objects)
-    assert paths["state-dir"] == {"path": "/run/luks-ephemeral-csi", "type": "DirectoryOrCreate"}
-    assert paths["data-dir"] == {"path": "/var/lib/luks-ephemeral-csi", "type": "DirectoryOrCreate"}
+    assert paths["state-dir"] == {"path": STATE_DIR, "type": "DirectoryOrCreate"}
+    assert paths["data-dir"] == {"path": DATA_DIR, "type": "DirectoryOrCreate"}
     assert paths["dev"]["path"] == "/dev"
     mounts = {m["name"]: m["mountPath"] for m in driver["volumeMounts"]}
     assert mounts["dev"] == "/dev"
@@ -329,12 +374,17 @@ def test_scheduling_like_a_node_plugin(objects: list[Obj]) -> None:
 
 
 def test_sidecar_images_are_pinned(objects: list[Obj]) -> None:
-    for name, container in containers(objects).items():
-        if name == "driver":
-            continue
-        image = container["image"]
-        assert image.startswith(SIDECAR_REGISTRY), image
-        assert re.search(r":v\d+\.\d+\.\d+$", image), f"{name}: {image} is not a pinned tag"
+    pods = [containers(objects)]
+    if "Deployment" in kinds(objects):
+        pods.append(controller_containers(objects))
+    for pod in pods:
+        for name, container in pod.items():
+            if name in ("driver", "qsd"):  # our own image, tagged with the chart's appVersion
+                assert container["image"] == pod["driver"]["image"], name
+                continue
+            image = container["image"]
+            assert image.startswith(SIDECAR_REGISTRY), image
+            assert re.search(r":v\d+\.\d+\.\d+$", image), f"{name}: {image} is not a pinned tag"
 
 
 def app_version() -> str:
@@ -347,7 +397,9 @@ def app_version() -> str:
 def test_provisioner_only_with_controller_enabled(
     default_objects: list[Obj], full_objects: list[Obj]
 ) -> None:
-    assert set(containers(default_objects)) == {"driver", "node-driver-registrar", "liveness-probe"}
+    assert set(containers(default_objects)) == {
+        "driver", "qsd", "node-driver-registrar", "liveness-probe"
+    }  # fmt: skip
     assert not [o for o in default_objects if "provisioner" in o["metadata"]["name"]]
 
     provisioner = containers(full_objects)["csi-provisioner"]
@@ -371,7 +423,7 @@ def test_node_rbac_is_least_privilege(objects: list[Obj]) -> None:
         ("", "pods"): {"get", "list", "watch"},
         ("", "events"): {"create", "patch"},
     }
-    account = find(objects, "ServiceAccount")["metadata"]["name"]
+    account = find(objects, "ServiceAccount", NODE_ACCOUNT)["metadata"]["name"]
     assert pod_spec(objects)["serviceAccountName"] == account
     binding = find(objects, "ClusterRoleBinding", fullname)
     assert binding["roleRef"]["name"] == fullname
@@ -399,10 +451,265 @@ def test_provisioner_rbac(full_objects: list[Obj]) -> None:
     assert daemonset_rule[0]["resourceNames"] == [f"{RELEASE}-node"]
     granted = {resource for (_, resource) in {**cluster, **namespaced}}
     assert not granted & {"leases", "secrets", "volumeattachments"}  # not needed: not granted
-    account = find(full_objects, "ServiceAccount")["metadata"]["name"]
     for kind in ("ClusterRoleBinding", "RoleBinding"):
         binding = find(full_objects, kind, name)
-        assert binding["subjects"][0]["name"] == account
+        assert binding["subjects"][0]["name"] == NODE_ACCOUNT
+
+
+# qcow2: the qsd container -----------------------------------------------------------------
+QSD_ARGV = [
+    "qemu-storage-daemon",
+    "--chardev", f"socket,id=qmp,path={QMP_SOCKET},server=on,wait=off",
+    "--monitor", "chardev=qmp",
+]  # fmt: skip
+
+
+def qsd_split(command: list[str]) -> tuple[str, list[str]]:
+    """``sh -c SCRIPT DIR ARGV...`` -> (DIR, ARGV): the directory made, the program exec'd."""
+    assert command[:2] == ["sh", "-c"], command
+    assert command[2] == 'mkdir -p -m 0700 "$0" && exec "$@"', command[2]
+    return command[3], command[4:]
+
+
+def test_qsd_container_runs_qemu_storage_daemon_in_the_foreground(objects: list[Obj]) -> None:
+    qsd = containers(objects)["qsd"]
+    directory, argv = qsd_split(qsd["command"])
+    assert directory == f"{STATE_DIR}/qsd"
+    assert argv == QSD_ARGV
+    assert "--daemonize" not in argv and "args" not in qsd
+    # the driver's own image (the Dockerfile installs qemu-storage-daemon), not a sidecar's
+    assert qsd["image"] == containers(objects)["driver"]["image"]
+
+
+def test_qsd_has_no_probe_that_could_restart_it(objects: list[Obj]) -> None:
+    qsd = containers(objects)["qsd"]
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        assert probe not in qsd, f"qsd has a {probe}: a restart breaks every live qcow2 volume"
+    assert "lifecycle" not in qsd
+
+
+def test_qsd_sees_state_and_data_dirs_at_the_drivers_paths(objects: list[Obj]) -> None:
+    driver, qsd = containers(objects)["driver"], containers(objects)["qsd"]
+    assert mounts(qsd) == {"state-dir": STATE_DIR, "data-dir": DATA_DIR}
+    for name, path in mounts(qsd).items():
+        assert mounts(driver)[name] == path, name
+    assert not [m for m in qsd["volumeMounts"] if m.get("readOnly") or m.get("mountPropagation")]
+    # the driver talks to the socket qsd creates, and finds the NBD socket beside it
+    config = driver_config(objects)
+    directory, argv = qsd_split(qsd["command"])
+    assert os.path.dirname(config.qsd_socket) == directory
+    assert f"path={config.qsd_socket}," in argv[argv.index("--chardev") + 1]
+    assert Qcow2Nbd(config.qsd_socket, f"{STATE_DIR}/nbd").nbd_socket == f"{directory}/nbd.sock"
+    assert directory.startswith(mounts(qsd)["state-dir"] + "/")
+
+
+def test_qsd_runs_without_privilege(objects: list[Obj]) -> None:
+    qsd = containers(objects)["qsd"]
+    assert qsd["securityContext"] == {
+        "privileged": False,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert "ports" not in qsd  # QMP and NBD are unix sockets only
+    assert "limits" in qsd["resources"] and "cpu" not in qsd["resources"]["limits"]
+
+
+def test_qsd_command_makes_its_directory_and_execs_the_daemon(helm: Path, tmp_path: Path) -> None:
+    """Run the rendered command with sh, a fake qemu-storage-daemon first on PATH and a state
+    dir whose name the shell must not interpret."""
+    state = tmp_path / "state;$(touch${IFS}pwned)*'\"x"
+    state.mkdir()
+    objects = render(helm, f"node.stateDir={state}")
+    command = containers(objects)["qsd"]["command"]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    seen = tmp_path / "argv"
+    fake = bin_dir / "qemu-storage-daemon"
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$0" "$@" > "{seen}"\n')
+    fake.chmod(0o755)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=30, check=False, cwd=tmp_path,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    qsd_dir = state / "qsd"
+    assert qsd_dir.is_dir() and stat.S_IMODE(qsd_dir.stat().st_mode) == 0o700
+    assert seen.read_text().splitlines()[1:] == [
+        "--chardev", f"socket,id=qmp,path={qsd_dir}/qmp.sock,server=on,wait=off",
+        "--monitor", "chardev=qmp",
+    ]  # fmt: skip
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_qcow2_disabled_removes_qsd_and_the_flag(helm: Path) -> None:
+    objects = render(helm, "qcow2.enabled=false")
+    pod = containers(objects)
+    assert "qsd" not in pod
+    assert not [a for a in pod["driver"]["args"] if a.startswith("--qsd-socket")]
+    assert driver_config(objects).qsd_socket == ""  # the driver then refuses backing=qcow2
+    assert "lib-modules" in mounts(pod["driver"])  # loop and dm-crypt may need modprobe too
+
+
+def test_driver_reads_the_hosts_kernel_modules(objects: list[Obj]) -> None:
+    """modprobe nbd (and loop, dm_crypt) where /sys/block/nbd0 is missing: read-only."""
+    assert host_paths(objects)["lib-modules"]["path"] == "/lib/modules"
+    (mount,) = [m for m in containers(objects)["driver"]["volumeMounts"]
+                if m["name"] == "lib-modules"]  # fmt: skip
+    assert mount == {"name": "lib-modules", "mountPath": "/lib/modules", "readOnly": True}
+    others = [n for n, c in containers(objects).items() if "lib-modules" in mounts(c)]
+    assert others == ["driver"]
+
+
+def test_update_strategy_defaults_to_rolling_and_offers_on_delete(
+    default_objects: list[Obj], helm: Path
+) -> None:
+    strategy = find(default_objects, "DaemonSet")["spec"]["updateStrategy"]
+    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    objects = render(helm, "node.updateStrategy.type=OnDelete")
+    # rollingUpdate (still in the merged values) must go: the API refuses it with OnDelete
+    assert find(objects, "DaemonSet")["spec"]["updateStrategy"] == {"type": "OnDelete"}
+    objects = render(helm, "node.updateStrategy.rollingUpdate.maxUnavailable=10%")
+    assert find(objects, "DaemonSet")["spec"]["updateStrategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}
+    }  # fmt: skip
+
+
+def test_values_explain_why_on_delete_is_safe_for_qcow2() -> None:
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    at = lines.index("  updateStrategy:")
+    comment: list[str] = []
+    for line in reversed(lines[:at]):
+        if not line.strip().startswith("#"):
+            break
+        comment.insert(0, line.strip().lstrip("#").strip())
+    text = " ".join(comment)
+    assert "qcow2" in text and "OnDelete" in text and "drain" in text, text
+
+
+# expansion: csi-resizer and the driver in controller mode ---------------------------------
+def test_resizer_deployment_runs_the_driver_in_controller_mode(full_objects: list[Obj]) -> None:
+    deployment = find(full_objects, "Deployment", CONTROLLER)
+    assert deployment["metadata"]["namespace"] == NAMESPACE
+    assert deployment["spec"]["replicas"] == 1
+    pod = controller_containers(full_objects)
+    assert set(pod) == {"driver", "csi-resizer"}
+    driver = pod["driver"]
+    config = driver_config(full_objects, driver)
+    assert config.mode == "controller"
+    assert config.socket_path == "/csi/csi.sock"
+    assert config.driver_name == DRIVER
+    node = driver_config(full_objects)
+    assert (config.min_size, config.max_size) == (node.min_size, node.max_size)
+    assert config.metrics_address == "" and config.qsd_socket == ""
+    # journal and data dirs of its own, in an emptyDir: it never touches a node's volumes
+    scratch = mounts(driver)["scratch"]
+    assert config.state_dir.startswith(scratch + "/") and config.data_dir.startswith(scratch + "/")
+    volumes = {v["name"]: v for v in controller_spec(full_objects)["volumes"]}
+    assert not [v for v in volumes.values() if "hostPath" in v]
+    assert "emptyDir" in volumes["scratch"] and "emptyDir" in volumes["socket-dir"]
+    # its node id is the pod's name, never a node's: every volume is "on another node", so
+    # ControllerExpandVolume only checks the request and the node grows the volume
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in driver["env"]}
+    assert env == {"NODE_ID": "metadata.name"}
+    assert "livenessProbe" not in driver  # Probe checks node requirements this pod lacks
+
+
+def test_resizer_sidecar(full_objects: list[Obj]) -> None:
+    pod = controller_containers(full_objects)
+    resizer = pod["csi-resizer"]
+    assert resizer["image"].startswith(f"{SIDECAR_REGISTRY}csi-resizer:v1.")
+    args = resizer["args"]
+    for flag in ("--csi-address=/csi/csi.sock", "--leader-election=true",
+                 "--handle-volume-inuse-error=false"):  # fmt: skip
+        assert flag in args, flag
+    assert arg_value(resizer, "--leader-election-namespace") == "$(NAMESPACE)"
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in resizer["env"]}
+    assert env == {"NAMESPACE": "metadata.namespace"}
+    port = int(arg_value(resizer, "--http-endpoint").lstrip(":"))
+    assert resizer["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
+    assert resizer["livenessProbe"]["httpGet"] == {"path": "/healthz/leader-election",
+                                                   "port": "http"}  # fmt: skip
+    # both containers share the socket through the same emptyDir
+    assert mounts(resizer) == {"socket-dir": "/csi"}
+    assert mounts(pod["driver"])["socket-dir"] == "/csi"
+
+
+def test_controller_pod_has_no_privilege(full_objects: list[Obj]) -> None:
+    spec = controller_spec(full_objects)
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["runAsUser"] != 0
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+    for name, container in controller_containers(full_objects).items():
+        sc = container["securityContext"]
+        assert sc["privileged"] is False, name
+        assert sc["allowPrivilegeEscalation"] is False, name
+        assert sc["capabilities"] == {"drop": ["ALL"]}, name
+        assert sc["readOnlyRootFilesystem"] is True, name
+        assert container["resources"]["limits"]["memory"], name
+    assert spec["serviceAccountName"] == CONTROLLER
+    assert find(full_objects, "ServiceAccount", CONTROLLER)["metadata"]["namespace"] == NAMESPACE
+
+
+def test_resizer_rbac(full_objects: list[Obj]) -> None:
+    name = f"{RELEASE}-resizer"
+    cluster = rules(find(full_objects, "ClusterRole", name))
+    assert cluster == {
+        ("", "persistentvolumes"): {"get", "list", "watch", "patch"},
+        ("", "persistentvolumeclaims"): {"get", "list", "watch"},
+        ("", "persistentvolumeclaims/status"): {"patch"},
+        ("", "events"): {"create", "list", "watch", "patch"},
+    }
+    role = find(full_objects, "Role", name)
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert rules(role) == {
+        ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update", "delete"}
+    }
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        binding = find(full_objects, kind, name)
+        assert binding["roleRef"]["name"] == name
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": CONTROLLER,
+                                        "namespace": NAMESPACE}]  # fmt: skip
+    # the node's account gets none of it, and the resizer none of the node's
+    node_bindings = [o for o in full_objects if o["kind"].endswith("Binding")
+                     and o["subjects"][0]["name"] == NODE_ACCOUNT]  # fmt: skip
+    assert {b["roleRef"]["name"] for b in node_bindings} == {NODE_ACCOUNT, f"{RELEASE}-provisioner"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "expansion"),
+    [
+        (["controller.enabled=true"], True),
+        (["controller.enabled=true", "resizer.enabled=false"], False),
+        (["controller.enabled=false"], False),  # resizer.enabled alone does nothing
+    ],
+)
+def test_resizer_enabled_toggles_deployment_rbac_and_expansion(
+    helm: Path, settings: list[str], expansion: bool
+) -> None:
+    objects = render(helm, "storageClass.create=true", *settings)
+    resizer_objects = [o for o in objects if o["metadata"]["name"] in
+                       (CONTROLLER, f"{RELEASE}-resizer")]  # fmt: skip
+    if expansion:
+        assert sorted(o["kind"] for o in resizer_objects) == [
+            "ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding",
+            "ServiceAccount",
+        ]  # fmt: skip
+    else:
+        assert resizer_objects == []
+        assert "Deployment" not in kinds(objects)
+    assert find(objects, "StorageClass")["allowVolumeExpansion"] is expansion
+    assert find(objects, "StorageClass")["volumeBindingMode"] == "WaitForFirstConsumer"
+
+
+def test_node_plugin_provisions_per_node_with_capacity(full_objects: list[Obj]) -> None:
+    """Distributed provisioning, which the resizer Deployment does not change."""
+    provisioner = containers(full_objects)["csi-provisioner"]
+    assert "--node-deployment=true" in provisioner["args"]
+    assert "--enable-capacity=true" in provisioner["args"]
+    assert "csi-provisioner" not in controller_containers(full_objects)
+    assert driver_config(full_objects).mode == "all"
 
 
 # optional objects ------------------------------------------------------------------------
@@ -411,6 +718,7 @@ def test_storage_class(full_objects: list[Obj]) -> None:
     assert sc["provisioner"] == DRIVER
     assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
     assert sc["reclaimPolicy"] == "Delete"
+    assert sc["allowVolumeExpansion"] is True  # the full render has the resizer
     params = sc["parameters"]
     assert params["csi.storage.k8s.io/fstype"] == "ext4"
     assert params["preallocate"] == "true"  # a YAML boolean becomes the string the driver reads

@@ -1,12 +1,14 @@
-"""The image: every host tool the driver runs comes from a Debian package the Dockerfile
-installs, the runtime stage gets the package as a wheel (never the source tree), the builder's
-build context is enough to build that wheel, and hadolint is happy.
+"""The image: every host tool the driver runs (and qemu-storage-daemon, which the chart's qsd
+container runs from this image) comes from a Debian package the Dockerfile installs, the runtime
+stage gets the package as a wheel (never the source tree), the builder's build context is enough
+to build that wheel, and hadolint is happy.
 
 No docker engine is needed: the Dockerfile is parsed, not built (the kind e2e test builds it).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import os
 import re
@@ -14,6 +16,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import tomllib
 import zipfile
 from dataclasses import dataclass, field
@@ -29,8 +32,7 @@ DOCKERIGNORE = REPO / ".dockerignore"
 RUNTIME_BASE = "python:3.11-slim-bookworm"
 ENTRYPOINT = "luks-ephemeral-csi"
 
-# Executable -> the Debian bookworm package that ships it. qemu-img/qemu-nbd are for the
-# qcow2 backing that is on its way.
+# Executable -> the Debian bookworm package that ships it.
 TOOL_PACKAGES = {
     "cryptsetup": "cryptsetup-bin",
     "losetup": "mount",
@@ -42,12 +44,20 @@ TOOL_PACKAGES = {
     "xfs_growfs": "xfsprogs",
     "qemu-img": "qemu-utils",
     "qemu-nbd": "qemu-utils",
+    "qemu-storage-daemon": "qemu-system-common",
+    "nbd-client": "nbd-client",
+    "modprobe": "kmod",
 }
-EXTRA_TOOLS = ("qemu-img", "qemu-nbd")
+# Not in linux.REQUIRED_TOOLS (a node without them still serves backing=loop), yet the image must
+# have them: qemu-img and nbd-client (backing=qcow2), modprobe (modules not loaded yet), qemu-nbd
+# (an admin's tool), and qemu-storage-daemon, the command of the chart's qsd container.
+EXTRA_TOOLS = ("qemu-img", "qemu-nbd", "qemu-storage-daemon", "nbd-client", "modprobe")
 # The whole list the runtime stage may install: each has a reason in the Dockerfile.
 ALLOWED_PACKAGES = {
-    "cryptsetup-bin", "util-linux", "mount", "e2fsprogs", "xfsprogs", "qemu-utils", "kmod"
+    "cryptsetup-bin", "util-linux", "mount", "e2fsprogs", "xfsprogs", "qemu-utils",
+    "qemu-system-common", "nbd-client", "kmod",
 }  # fmt: skip
+HOST_MODULES = REPO / "csi" / "host"
 
 
 @dataclass
@@ -113,15 +123,71 @@ def apt_installed(stage: Stage) -> set[str]:
     for run in stage.all("RUN"):
         for command in run.split("&&"):
             words = shlex.split(command)
+            while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0]):
+                words = words[1:]  # VAR=value before the command (DEBIAN_FRONTEND=...)
             if words[:2] == ["apt-get", "install"]:
                 packages.update(w for w in words[2:] if not w.startswith("-"))
     return packages
+
+
+def executables_run_by(source: str) -> set[str]:
+    """Program names of the argv lists in ``source``: the first argument of every ``run(...)``
+    call and every ``argv = [...]`` assignment that starts with a string literal."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        candidates: list[ast.expr] = []
+        if isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", "")
+            if name == "run":
+                candidates.append(node.args[0])
+        elif isinstance(node, ast.Assign):
+            if any(isinstance(t, ast.Name) and t.id == "argv" for t in node.targets):
+                candidates.append(node.value)
+        for argv in candidates:
+            if isinstance(argv, ast.List) and argv.elts:
+                first = argv.elts[0]
+                if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                    found.add(first.value)
+    return found
+
+
+def host_executables() -> dict[str, set[str]]:
+    """Program -> the csi/host modules that run it (the fake host runs nothing)."""
+    programs: dict[str, set[str]] = {}
+    for path in sorted(HOST_MODULES.glob("*.py")):
+        if path.name == "fake.py":
+            continue
+        for program in executables_run_by(path.read_text()):
+            programs.setdefault(program, set()).add(path.name)
+    return programs
 
 
 # tools -> packages -----------------------------------------------------------------------
 def test_every_host_tool_has_a_package() -> None:
     missing = (set(REQUIRED_TOOLS) | set(EXTRA_TOOLS)) - set(TOOL_PACKAGES)
     assert not missing, f"add {sorted(missing)} to TOOL_PACKAGES and to the Dockerfile"
+
+
+def test_every_program_the_host_layer_runs_has_a_package() -> None:
+    """Read the source, not a hand-kept list: a new ``run(["tool", ...])`` fails here until the
+    image gets the tool."""
+    programs = host_executables()
+    assert {"cryptsetup", "losetup", "qemu-img", "nbd-client", "modprobe"} <= set(programs)
+    missing = {p: sorted(m) for p, m in programs.items() if p not in TOOL_PACKAGES}
+    assert not missing, f"programs run without a package in the image: {missing}"
+
+
+def test_program_scan_sees_run_calls_and_argv_lists() -> None:
+    source = textwrap.dedent("""
+        argv = ["cryptsetup", "open"]
+        run(["nbd-client", "-d", device])
+        self.runner.run(["qemu-img", "info", path], timeout=5)
+        run([*argv, name])
+        other = ["not-a-program"]
+        print(["nor-this"])
+    """)
+    assert executables_run_by(source) == {"cryptsetup", "nbd-client", "qemu-img"}
 
 
 @pytest.mark.parametrize("tool", sorted(set(REQUIRED_TOOLS) | set(EXTRA_TOOLS)))
@@ -154,6 +220,7 @@ def test_runtime_apt_install_is_minimal_and_clean(runtime: Stage) -> None:
     assert apt_installed(runtime) == ALLOWED_PACKAGES
     (install,) = [r for r in runtime.all("RUN") if "apt-get install" in r]
     assert "--no-install-recommends" in install
+    assert "DEBIAN_FRONTEND=noninteractive apt-get install" in install  # nbd-client asks debconf
     assert "apt-get update" in install  # same layer: never a stale package index
     assert "rm -rf /var/lib/apt/lists/*" in install  # and no index left in the image
 

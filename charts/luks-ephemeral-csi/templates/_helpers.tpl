@@ -70,6 +70,24 @@ app.kubernetes.io/part-of: luks-ephemeral-csi
 {{- printf "%s/plugins/%s" (trimSuffix "/" .Values.kubeletDir) .Values.driverName }}
 {{- end }}
 
+{{/* "true" when the csi-resizer Deployment is rendered: it needs the controller service. */}}
+{{- define "luks-ephemeral-csi.resizerEnabled" -}}
+{{- and .Values.controller.enabled .Values.resizer.enabled }}
+{{- end }}
+
+{{- define "luks-ephemeral-csi.controllerServiceAccountName" -}}
+{{- if .Values.resizer.serviceAccount.create }}
+{{- default (printf "%s-controller" (include "luks-ephemeral-csi.fullname" .)) .Values.resizer.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.resizer.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* qemu-storage-daemon's directory in the state dir: its QMP and NBD sockets. */}}
+{{- define "luks-ephemeral-csi.qsdDir" -}}
+{{- printf "%s/qsd" (trimSuffix "/" .Values.node.stateDir) }}
+{{- end }}
+
 {{- define "luks-ephemeral-csi.registrationDir" -}}
 {{- printf "%s/plugins_registry" (trimSuffix "/" .Values.kubeletDir) }}
 {{- end }}
