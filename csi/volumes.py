@@ -250,7 +250,8 @@ class Volumes:
                 self._republish(record, request)
                 return
             if record is not None:  # an earlier attempt died half-way: start clean
-                self._teardown(self.names(request.volume_id), record.target_path)
+                self._teardown(self.names(request.volume_id), record.target_path,
+                               record.spec.backing)  # fmt: skip
             self._create(request)
 
     def _republish(self, record: Record, request: PublishRequest) -> None:
@@ -300,11 +301,11 @@ class Volumes:
                 record.step = "published"
                 self.journal.write(record)
         except DriverError:
-            self._rollback(names, request.target_path)
+            self._rollback(names, request.target_path, spec.backing)
             raise
         except Exception:
             log.exception("publish of %s failed unexpectedly", request.volume_id)
-            self._rollback(names, request.target_path)
+            self._rollback(names, request.target_path, spec.backing)
             raise
 
     def open_volume(self, names: Names, spec: VolumeSpec, *, keyring: bool) -> None:
@@ -431,17 +432,17 @@ class Volumes:
                 if self.host.mount_source(target_path) == names.mapper_device:
                     self.host.umount(target_path)
                 return
-            self._teardown(names, target_path)
+            self._teardown(names, target_path, record.spec.backing if record else None)
 
-    def _rollback(self, names: Names, target: str) -> None:
+    def _rollback(self, names: Names, target: str, backing: str) -> None:
         try:
-            self._teardown(names, target)
+            self._teardown(names, target, backing)
         except Exception:
             log.exception(
                 "rollback of %s left objects behind; start-up will retry", names.volume_id
             )
 
-    def _teardown(self, names: Names, target: str) -> None:
+    def _teardown(self, names: Names, target: str, backing: str | None) -> None:
         """Unmount, close (wiping the key), detach, delete; each step only if still needed."""
         with self.timed_step("unmount"):
             # only our own mount: a stale or foreign mount at the path is not ours to remove
@@ -449,7 +450,7 @@ class Volumes:
                 self.host.umount(target)
             if target:
                 self.host.remove_dir(target)
-        self.release(names)
+        self.release(names, backing)
         with self.timed_step("forget"):
             self.journal.delete(names.volume_id)
 
@@ -461,15 +462,16 @@ class Volumes:
             staging = record.staging_path
             if staging and self.host.mount_source(staging) == names.mapper_device:
                 self.host.umount(staging)  # the staging dir itself belongs to the CO
-        self.release(names)
+        self.release(names, record.spec.backing)
         record.state = RESERVED
         record.staging_path = ""
         record.targets = {}
         record.step = ""
         self.journal.write(record)
 
-    def release(self, names: Names) -> None:
-        """Close, detach and delete whatever of the volume still exists; refuse while mounted."""
+    def release(self, names: Names, backing: str | None = None) -> None:
+        """Close, detach and delete whatever of the volume still exists; refuse while mounted.
+        ``backing`` None (no record says) checks for both a loop device and an NBD export."""
         with self.timed_step("close"):
             still = self.host.mountpoints_of(names.mapper_device)
             if still:
@@ -482,7 +484,8 @@ class Volumes:
             device = self.host.loop_find(names.backing)
             if device:
                 self.host.loop_detach(device)
-            self.host.nbd_detach(names.mapping)  # a no-op unless a qcow2 export exists
+            if backing != "loop":  # a loop volume never had an export: skip qsd's round trip
+                self.host.nbd_detach(names.mapping)
         with self.timed_step("delete"):
             existed = self.host.exists(names.backing)
             self.host.remove_file(names.backing)
@@ -603,7 +606,7 @@ class Volumes:
                         self.release_staged(record)
                         known.add(names.digest)
                     else:
-                        self._teardown(names, record.target_path)
+                        self._teardown(names, record.target_path, record.spec.backing)
                 report.rolled_back.append(record.volume_id)
             except DriverError as exc:
                 known.add(names.digest)

@@ -219,3 +219,13 @@ def test_metrics_count_qcow2_volumes(h: Harness) -> None:
     usage = h.volumes.usage()
     assert usage.volumes == {("qcow2", "mount"): 1}
     assert usage.reserved == VolumeSpec(size=64 * MiB, backing="qcow2").disk_bytes
+
+
+def test_loop_teardown_skips_qemu_storage_daemon(h: Harness) -> None:
+    """A loop volume never had an export: its unpublish makes no round trip to qsd."""
+    h.publish(attributes={"size": "64Mi"})
+    h.host.calls.clear()
+    h.unpublish()
+    assert not any(c.startswith("nbd_detach") for c in h.host.calls)
+    assert any(c.startswith("loop_detach") for c in h.host.calls)
+    assert h.leftovers() == []
