@@ -31,6 +31,7 @@ from csi.errors import (
 from csi.journal import RESERVED, STAGED, Record
 from csi.params import (
     ATTACHED_HEADER_BYTES,
+    QCOW2_METADATA_BYTES,
     XFS_MIN_BYTES,
     VolumeSpec,
     check_combination,
@@ -209,7 +210,10 @@ class Provisioner:
         config = self.config
         fields = parse_parameters(parameters, config.min_size, config.max_size)
         overhead = ATTACHED_HEADER_BYTES if fields["header"] == "attached" else 0
-        available = max(0, self.core.room() - overhead) // MiB * MiB
+        room = max(0, self.core.room() - overhead)
+        if fields["backing"] == "qcow2":  # its tables: size/4096 + 2 MiB (VolumeSpec.disk_bytes)
+            room = max(0, room - QCOW2_METADATA_BYTES) * 4096 // 4097
+        available = room // MiB * MiB
         return Capacity(available, min(config.max_size, available), config.min_size)
 
     # expand ------------------------------------------------------------------------------

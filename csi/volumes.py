@@ -444,6 +444,8 @@ class Volumes:
 
     def _teardown(self, names: Names, target: str, backing: str | None) -> None:
         """Unmount, close (wiping the key), detach, delete; each step only if still needed."""
+        if backing != "loop":
+            self.drop_dead_nbd(names)
         with self.timed_step("unmount"):
             # only our own mount: a stale or foreign mount at the path is not ours to remove
             if target and self.host.mount_source(target) == names.mapper_device:
@@ -454,10 +456,21 @@ class Volumes:
         with self.timed_step("forget"):
             self.journal.delete(names.volume_id)
 
+    def drop_dead_nbd(self, names: Names) -> None:
+        """A qcow2 volume whose export qemu-storage-daemon lost (it restarted) can never do
+        I/O again, and with no NBD timeout its in-flight requests never end: unmount would hang.
+        Disconnecting the device first fails them, so teardown can go on."""
+        if self.host.nbd_find(names.mapping) and not self.host.nbd_export_alive(names.mapping):
+            log.warning("volume %s lost its NBD export; disconnecting its device before "
+                        "teardown", names.volume_id)  # fmt: skip
+            self.host.nbd_detach(names.mapping)
+
     def release_staged(self, record: Record) -> None:
         """Take a provisioned volume back to RESERVED: unmount its staging path, close (wiping
         the key), detach, delete. Its record, and so its reservation, stays until DeleteVolume."""
         names = self.names(record.volume_id)
+        if record.spec.backing != "loop":
+            self.drop_dead_nbd(names)
         with self.timed_step("unmount"):
             staging = record.staging_path
             if staging and self.host.mount_source(staging) == names.mapper_device:
@@ -654,7 +667,12 @@ class Volumes:
                 report.count("loop_without_record", self.events)
             except DriverError as exc:
                 report.failures.append(f"{device}: {exc}")
-        for export in self.host.nbd_exports():
+        try:
+            exports = self.host.nbd_exports()
+        except DriverError as exc:  # a hung qsd must not keep the driver (and loop volumes) down
+            report.failures.append(f"qcow2 exports not checked: {exc}")
+            exports = []
+        for export in exports:
             digest = export.removeprefix(MAPPING_PREFIX)
             if digest in known or self.host.mountpoints_of(f"/dev/mapper/{export}"):
                 continue

@@ -54,7 +54,9 @@ class Qcow2Nbd:
         self.nbd_socket = os.path.join(os.path.dirname(qmp_socket), "nbd.sock")
         self.claims_dir = claims_dir
         self.sysfs = sysfs
-        self._lock = threading.Lock()  # one device allocation at a time
+        # one device allocation, and one QMP session (qsd's monitor serves one client at a
+        # time), at a time
+        self._lock = threading.RLock()
 
     # images ------------------------------------------------------------------------------
     def create(self, path: str, size: int, preallocate: bool) -> None:
@@ -71,48 +73,81 @@ class Qcow2Nbd:
     def _claim_path(self, export: str) -> str:
         return os.path.join(self.claims_dir, export)
 
-    def _connected(self, device: str) -> bool:
-        """A connected NBD device has a ``pid`` attribute (the connecting process, long gone)."""
-        return os.path.exists(os.path.join(self.sysfs, "block", os.path.basename(device), "pid"))
+    def _pid_of(self, device: str) -> str | None:
+        """A connected NBD device has a ``pid`` attribute: the process that connected it (our
+        nbd-client, long gone); a free device has none."""
+        path = os.path.join(self.sysfs, "block", os.path.basename(device), "pid")
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            return None
 
-    def _claimed(self) -> dict[str, str]:
-        """export -> device of every claim file."""
+    def _connected(self, device: str) -> bool:
+        return self._pid_of(device) is not None
+
+    def _claimed(self) -> dict[str, tuple[str, str]]:
+        """export -> (device, pid that connected it, "" until the connect is known to be done)
+        of every claim file."""
         claims = {}
         for path in glob.glob(os.path.join(self.claims_dir, EXPORT_PREFIX + "*")):
             try:
                 with open(path) as f:
-                    claims[os.path.basename(path)] = f.read().strip()
+                    device, _, pid = f.read().strip().partition(" ")
             except OSError:
                 continue
+            claims[os.path.basename(path)] = (device, pid)
         return claims
 
+    def _write_claim(self, export: str, device: str, pid: str = "") -> None:
+        os.makedirs(self.claims_dir, mode=0o700, exist_ok=True)
+        tmp = os.path.join(self.claims_dir, f".{export}.tmp")  # never matches the claim glob
+        with open(tmp, "w") as f:
+            f.write(f"{device} {pid}".strip())
+        os.replace(tmp, self._claim_path(export))
+
+    def _ours(self, export: str) -> str | None:
+        """The device claimed for ``export`` if it is connected and, when the claim recorded
+        who connected it, still that same connection (not another NBD user's, later)."""
+        device, pid = self._claimed().get(export, ("", ""))
+        current = self._pid_of(device) if device else None
+        if current is None or (pid and current != pid):
+            return None
+        return device
+
     def find(self, export: str) -> str | None:
-        device = self._claimed().get(export)
-        return device if device and self._connected(device) else None
+        with self._lock:
+            return self._ours(export)
 
     def exports(self) -> list[str]:
         """Every export this node's driver may have left: claimed devices and qsd exports."""
-        names = set(self._claimed())
-        with contextlib.suppress(FailedPrecondition):  # no server: no exports to list
-            with Qmp(self.qmp_socket) as qmp:
-                for export in qmp.execute("query-block-exports"):
-                    if export["id"].startswith(EXPORT_PREFIX):
-                        names.add(export["id"])
-        return sorted(names)
+        with self._lock:
+            names = set(self._claimed())
+            with contextlib.suppress(FailedPrecondition):  # no server: no exports to list
+                with Qmp(self.qmp_socket) as qmp:
+                    for export in qmp.execute("query-block-exports"):
+                        if export["id"].startswith(EXPORT_PREFIX):
+                            names.add(export["id"])
+            return sorted(names)
 
     def attach(self, path: str, export: str) -> str:
         with self._lock:
-            device = self.find(export)
+            device = self._ours(export)
             if device is not None:
                 return device
             self._export(path, export)
             device = self._free_device()
-            os.makedirs(self.claims_dir, mode=0o700, exist_ok=True)
-            tmp = self._claim_path(export) + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(device)
-            os.replace(tmp, self._claim_path(export))
-            run(["nbd-client", "-unix", self.nbd_socket, device, "-N", export, "-b", BLOCK_SIZE])
+            # claim first: a crash right after the connect must not hide the device
+            self._write_claim(export, device)
+            try:
+                run(["nbd-client", "-unix", self.nbd_socket, device, "-N", export,
+                     "-b", BLOCK_SIZE])  # fmt: skip
+            except Exception:
+                # e.g. another NBD user took the device first: it is not ours to disconnect
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._claim_path(export))
+                raise
+            self._write_claim(export, device, self._pid_of(device) or "")
             return device
 
     def _export(self, path: str, export: str) -> None:
@@ -124,7 +159,11 @@ class Qcow2Nbd:
             except QmpError as exc:
                 if "already running" not in exc.desc:
                     raise
-            nodes = {n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)}
+            nodes = {n["node-name"]: n.get("file", "")
+                     for n in qmp.execute("query-named-block-nodes", flat=True)}  # fmt: skip
+            if node in nodes and nodes[node] != path:  # a stale node of an earlier image
+                self._drop(qmp, export)
+                del nodes[node]
             if node not in nodes:
                 try:
                     qmp.execute("blockdev-add", **image_options(node, path, direct=True))
@@ -141,7 +180,7 @@ class Qcow2Nbd:
         if not glob.glob(os.path.join(self.sysfs, "block", "nbd*")):
             with contextlib.suppress(CommandFailed, FileNotFoundError):
                 run(["modprobe", "nbd", "nbds_max=128"])
-        claimed = set(self._claimed().values())
+        claimed = {device for device, _ in self._claimed().values()}
         devices = glob.glob(os.path.join(self.sysfs, "block", "nbd*"))
         if not devices:
             raise FailedPrecondition(
@@ -160,8 +199,8 @@ class Qcow2Nbd:
     def detach(self, export: str) -> None:
         """Disconnect the kernel device, then drop the export and its block node."""
         with self._lock:
-            device = self._claimed().get(export)
-            if device and self._connected(device):
+            device = self._ours(export)
+            if device is not None:
                 run(["nbd-client", "-d", device])
                 deadline = time.monotonic() + DISCONNECT_TIMEOUT
                 while self._connected(device) and time.monotonic() < deadline:
@@ -174,25 +213,29 @@ class Qcow2Nbd:
             except FailedPrecondition:
                 return  # no server, so no export left to remove
             with session as qmp:
-                if export in {e["id"] for e in qmp.execute("query-block-exports")}:
-                    qmp.execute("block-export-del", id=export, mode="hard")
-                    qmp.wait_until(
-                        lambda: export not in {e["id"] for e in
-                                               qmp.execute("query-block-exports")},
-                        f"removal of export {export}",
-                    )  # fmt: skip
-                node = node_name(export)
-                if node in {n["node-name"] for n in
-                            qmp.execute("query-named-block-nodes", flat=True)}:  # fmt: skip
-                    qmp.execute("blockdev-del", **{"node-name": node})
+                self._drop(qmp, export)
+
+    @staticmethod
+    def _drop(qmp: Qmp, export: str) -> None:
+        """Remove the export (closing any client connection) and its block node."""
+        if export in {e["id"] for e in qmp.execute("query-block-exports")}:
+            qmp.execute("block-export-del", id=export, mode="hard")
+            qmp.wait_until(
+                lambda: export not in {e["id"] for e in qmp.execute("query-block-exports")},
+                f"removal of export {export}",
+            )
+        node = node_name(export)
+        if node in {n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)}:
+            qmp.execute("blockdev-del", **{"node-name": node})
 
     def export_alive(self, export: str) -> bool:
         """Whether qemu-storage-daemon still serves the export (it loses all after a restart)."""
-        try:
-            with Qmp(self.qmp_socket) as qmp:
-                return export in {e["id"] for e in qmp.execute("query-block-exports")}
-        except (FailedPrecondition, Internal):
-            return False
+        with self._lock:
+            try:
+                with Qmp(self.qmp_socket) as qmp:
+                    return export in {e["id"] for e in qmp.execute("query-block-exports")}
+            except (FailedPrecondition, Internal):
+                return False
 
     def unavailable(self) -> str | None:
         """Why qcow2 volumes cannot be made here, or None."""

@@ -44,17 +44,29 @@ class Qmp:
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.path)
-        except OSError as exc:
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise FailedPrecondition(
                 f"qemu-storage-daemon is not reachable at {self.path} ({exc.strerror}); "
                 "backing=qcow2 needs it running beside the driver (the chart's qsd sidecar, "
                 "value qcow2.enabled)"
             ) from None
+        except OSError as exc:  # there, but not answering (busy, hung): not "absent"
+            sock.close()
+            raise Internal(f"qemu-storage-daemon monitor {self.path}: {exc}") from None
         self._sock = sock
-        self._read()  # greeting
-        self.execute("qmp_capabilities")
+        try:
+            self._read()  # greeting
+            self.execute("qmp_capabilities")
+        except BaseException:
+            self.close()
+            raise
         return self
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
 
     def __exit__(
         self,
@@ -62,9 +74,7 @@ class Qmp:
         value: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        self.close()
 
     def _read(self) -> dict[str, Any]:
         assert self._sock is not None

@@ -79,6 +79,7 @@ def test_preallocation_reaches_the_image(h: Harness, preallocate: str, allocated
 def test_refused_up_front_without_qemu_storage_daemon(h: Harness) -> None:
     h.host.qsd_running = False
     request = h.publish_request(attributes=QCOW2)
+    h.host.calls.clear()
     details = fails(lambda: h.node.NodePublishVolume(request, timeout=30),
                     grpc.StatusCode.FAILED_PRECONDITION)  # fmt: skip
     assert "qcow2" in details and "qemu-storage-daemon" in details
@@ -149,8 +150,13 @@ def test_qemu_storage_daemon_restart_is_reported_and_cleaned_up(h: Harness) -> N
     condition = h.k.stats("pod-a", "scratch").volume_condition
     assert condition.abnormal is True
     assert "qemu-storage-daemon" in condition.message
+    h.host.calls.clear()
     h.unpublish()
     assert h.leftovers() == []
+    # the dead device is disconnected before unmount: with no NBD timeout, its in-flight I/O
+    # would otherwise never end and the unmount would hang
+    steps = [c.split()[0] for c in h.host.calls]
+    assert steps.index("nbd_detach") < steps.index("umount")
 
 
 def test_image_and_export_without_record_are_removed_at_start_up(h: Harness) -> None:
@@ -229,3 +235,22 @@ def test_loop_teardown_skips_qemu_storage_daemon(h: Harness) -> None:
     assert not any(c.startswith("nbd_detach") for c in h.host.calls)
     assert any(c.startswith("loop_detach") for c in h.host.calls)
     assert h.leftovers() == []
+
+
+def test_a_failing_qsd_at_start_up_is_reported_not_fatal(h: Harness) -> None:
+    h.publish(attributes={"size": "64Mi"})
+    h.host.fail("nbd_exports")
+    report = h.recover()
+    assert any("qcow2 exports not checked" in f for f in report.failures)
+    assert h.k.stats("pod-a", "scratch").volume_condition.abnormal is False
+
+
+def test_get_capacity_leaves_room_for_the_qcow2_tables(h: Harness) -> None:
+    h.reconfigure(capacity=256 * MiB)
+    loop_room, _ = h.provisioner.capacity("node-1", {})
+    qcow2_room, _ = h.provisioner.capacity("node-1", {"backing": "qcow2"})
+    assert loop_room == 256 * MiB
+    assert qcow2_room < loop_room
+    pv = h.provision("pvc-max", size=qcow2_room, parameters={"backing": "qcow2"})
+    assert h.volumes.usage().reserved <= 256 * MiB
+    h.provisioner.delete(pv.volume_id)
