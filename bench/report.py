@@ -179,18 +179,29 @@ def render(results: dict[str, Any]) -> str:
     if foot:
         out += ["### Disk footprint", ""]
         out += table(
-            ["backing", "volume", "allocated right after publish", "after sync", "header"],
             [
-                [
-                    "loop (sparse file)",
-                    foot["size"],
-                    fmt(foot["allocated_bytes_right_after_publish"] / 2**20, 2, " MiB"),
-                    fmt(foot["allocated_bytes_after_sync"] / 2**20, 2, " MiB"),
-                    f"{foot['detached_header_bytes_on_tmpfs']} bytes, detached on tmpfs",
-                ],
-                ["qcow2", foot["size"], "n/a", "n/a", "not implemented yet: not measured"],
+                "backing",
+                "volume",
+                "allocated right after publish",
+                "after sync",
+                "header",
+                "publish s (1 sample)",
+                "unpublish s (1 sample)",
             ],
+            [footprint_row("loop (sparse file)", foot), qcow2_row(foot)],
         )
+        q = foot.get("qcow2")
+        if q:
+            out += [
+                f"qcow2 / loop, this one volume each: publish "
+                f"**{fmt(s.get('qcow2_publish_vs_loop'), 2, 'x')}**, unpublish "
+                f"**{fmt(s.get('qcow2_unpublish_vs_loop'), 2, 'x')}** (one sample each, loop "
+                "first). Left behind after the qcow2 unpublish (NBD device, image, header, "
+                "mapping, qemu-storage-daemon export and node): "
+                + (f"**{', '.join(q['leftovers'])}**" if q.get("leftovers") else "nothing")
+                + ".",
+                "",
+            ]
 
     mem = results.get("memory")
     if mem or results.get("rss_idle_mib") is not None:
@@ -242,6 +253,27 @@ def render(results: dict[str, Any]) -> str:
     if notes:
         out += ["### Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def footprint_row(title: str, f: dict[str, Any]) -> list[str]:
+    header = f.get("detached_header_bytes_on_tmpfs")
+    return [
+        title,
+        f["size"],
+        fmt(f["allocated_bytes_right_after_publish"] / 2**20, 2, " MiB"),
+        fmt(f["allocated_bytes_after_sync"] / 2**20, 2, " MiB"),
+        "n/a" if header is None else f"{header} bytes, detached on tmpfs",
+        fmt(f.get("publish_s")),
+        fmt(f.get("unpublish_s")),
+    ]
+
+
+def qcow2_row(foot: dict[str, Any]) -> list[str]:
+    q = foot.get("qcow2")
+    if q:
+        return footprint_row("qcow2 (image over NBD)", q)
+    why = foot.get("qcow2_note") or "not measured"
+    return ["qcow2", foot["size"], "n/a", "n/a", why, "n/a", "n/a"]
 
 
 def kdf_text(kdf: dict[str, str] | None) -> str:

@@ -17,7 +17,10 @@ latency      publish and unpublish of 1 GiB volumes, N cycles, interleaved round
              plus the driver's own time per lifecycle step (luks_ephemeral_step_seconds).
 concurrency  16 publishes in parallel threads against 16 in sequence.
 footprint    blocks allocated in the backing file of a freshly published 10 GiB sparse volume,
-             and the data path: dm table flags (key redacted), sector sizes, loop direct I/O.
+             backing=loop and then backing=qcow2 (one volume each, publish and unpublish timed
+             once), and the data path: dm table flags (key redacted), sector sizes, loop
+             direct I/O. For qcow2 the bench runs its own qemu-storage-daemon (a daemon of its
+             own, as the chart's sidecar is) and starts the driver with --qsd-socket.
 memory       the driver's RSS idle and with 50 small (64 MiB) volumes published.
 
 Absolute times under software emulation (QEMU TCG) are 10-50x those of real hardware: read the
@@ -55,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from csi.host.nbd import node_name
+from csi.host.qmp import Qmp
 from csi.journal import Names
 from csi.params import parse_quantity
 from csi.tools.kubelet import InlineVolume, Kubelet
@@ -294,6 +299,8 @@ def detect_environment() -> dict[str, Any]:
             "cryptsetup": tool_version(["cryptsetup", "--version"]),
             "mke2fs": tool_version(["mke2fs", "-V"]),
             "losetup": tool_version(["losetup", "--version"]),
+            "qemu-storage-daemon": tool_version(["qemu-storage-daemon", "--version"]),
+            "nbd-client": tool_version(["nbd-client", "-V"]),
         },
         "udev": os.path.exists("/run/udev/control"),
     }
@@ -356,7 +363,15 @@ def free_port() -> int:
 class Driver:
     """The real ``python -m csi node`` process, as the DaemonSet runs it (metrics on loopback)."""
 
-    def __init__(self, base: Path, run_dir: Path, data_dir: Path, log_level: str) -> None:
+    def __init__(
+        self,
+        base: Path,
+        run_dir: Path,
+        data_dir: Path,
+        log_level: str,
+        extra_args: Sequence[str] = (),
+    ) -> None:
+        self.extra_args = list(extra_args)
         self.state_dir = run_dir / "state"
         self.data_dir = data_dir
         self.kubelet_root = base / "kubelet"
@@ -389,6 +404,7 @@ class Driver:
             f"127.0.0.1:{self.port}",
             "--log-level",
             self.log_level,
+            *self.extra_args,
         ]
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
@@ -419,8 +435,11 @@ class Driver:
     def names(self, pod: str, name: str = "scratch") -> Names:
         return Names.of(Kubelet.volume_id(pod, name), str(self.data_dir), str(self.state_dir))
 
-    def publish(self, pod: str, size: str, name: str = "scratch") -> None:
-        self.k.publish(InlineVolume(pod, name, {"size": size}))
+    def publish(
+        self, pod: str, size: str, name: str = "scratch", backing: str | None = None
+    ) -> None:
+        attributes = {"size": size} if backing is None else {"size": size, "backing": backing}
+        self.k.publish(InlineVolume(pod, name, attributes))
 
     def unpublish(self, pod: str, name: str = "scratch") -> None:
         self.k.unpublish(pod, name)
@@ -466,6 +485,82 @@ class Driver:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(30)
+
+
+class Qsd:
+    """qemu-storage-daemon, daemonized on its own with a QMP monitor on a unix socket, as the
+    chart's sidecar runs it: the driver only drives it over QMP and never starts or stops it.
+    The driver serves qcow2 exports on ``nbd.sock`` next to this socket."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir / "qsd"
+        self.socket = self.dir / "qmp.sock"
+        self.pidfile = self.dir / "qsd.pid"
+
+    def start(self) -> None:
+        self.dir.mkdir(mode=0o700)
+        sh(
+            [
+                "qemu-storage-daemon",
+                "--chardev",
+                f"socket,id=qmp,path={self.socket},server=on,wait=off",
+                "--monitor",
+                "chardev=qmp",
+                "--daemonize",
+                "--pidfile",
+                str(self.pidfile),
+            ]
+        )
+        deadline = time.monotonic() + 60  # --daemonize returns once it is set up: a formality
+        while not self.socket.exists():
+            if time.monotonic() > deadline:
+                raise BenchError(f"qemu-storage-daemon made no socket at {self.socket}")
+            time.sleep(0.1)
+
+    def pid(self) -> int | None:
+        text = read_text(str(self.pidfile))
+        return int(text) if text.isdigit() else None
+
+    def exports(self) -> list[str]:
+        with Qmp(str(self.socket)) as qmp:
+            return [e["id"] for e in qmp.execute("query-block-exports")]
+
+    def nodes(self) -> list[str]:
+        with Qmp(str(self.socket)) as qmp:
+            return [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
+
+    def stop(self) -> None:
+        """SIGTERM to the daemon (by the pid in its pidfile), SIGKILL if it lingers."""
+        pid = self.pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if os.path.exists(f"/proc/{pid}"):
+                    os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def qcow2_unavailable() -> str | None:
+    """What is missing here for backing=qcow2, or None. Like the driver, loads the nbd module
+    (nbds_max=128) when the kernel has no NBD devices yet."""
+    missing = [
+        tool
+        for tool in ("qemu-storage-daemon", "qemu-img", "nbd-client")
+        if shutil.which(tool, path=CMD_ENV["PATH"]) is None
+    ]
+    if not glob.glob("/sys/block/nbd*") and shutil.which("modprobe", path=CMD_ENV["PATH"]):
+        sh(["modprobe", "nbd", "nbds_max=128"], check=False)
+    if not glob.glob("/sys/block/nbd*"):
+        missing.append("kernel NBD devices (no /sys/block/nbd*, `modprobe nbd` did not add any)")
+    return "missing " + ", ".join(missing) if missing else None
+
+
+def connected_nbds() -> list[str]:
+    """NBD devices the kernel has connected: those with a ``pid`` attribute."""
+    return sorted("/dev/" + p.split(os.sep)[-2] for p in glob.glob("/sys/block/nbd*/pid"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -1065,10 +1160,12 @@ def concurrency_phase(driver: Driver, n: int, size: str, repeats: int) -> dict[s
     return result
 
 
-def footprint_phase(driver: Driver, size: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def footprint_phase(
+    driver: Driver, size: str, qsd: Qsd | None, qcow2_reason: str | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
     pod = str(uuid.uuid4())
     names = driver.names(pod)
-    say(f"footprint: publishing a {size} volume")
+    say(f"footprint: publishing a {size} volume (loop)")
     start = time.perf_counter()
     driver.publish(pod, size)
     publish_s = time.perf_counter() - start
@@ -1083,8 +1180,10 @@ def footprint_phase(driver: Driver, size: str) -> tuple[dict[str, Any], dict[str
         if loop:
             datapath["keyslot_kdf"] = keyslot_kdf(loop, names.header)
     finally:
+        start = time.perf_counter()
         driver.unpublish(pod)
-    footprint = {
+        unpublish_s = time.perf_counter() - start
+    footprint: dict[str, Any] = {
         "size": size,
         "backing": "loop",
         "apparent_bytes": st.st_size,
@@ -1093,11 +1192,94 @@ def footprint_phase(driver: Driver, size: str) -> tuple[dict[str, Any], dict[str
         "alloc_mib": mib(max(alloc_now, alloc_synced)),
         "detached_header_bytes_on_tmpfs": header,
         "publish_s": r4(publish_s),
+        "unpublish_s": r4(unpublish_s),
+        "timing_samples": 1,
         "qcow2_alloc_mib": None,
-        "qcow2_note": "backing=qcow2 is not implemented yet: not measured",
+        "qcow2_note": None,
+        "qcow2": None,
     }
-    say(f"footprint: {footprint['alloc_mib']} MiB allocated for {size}")
+    say(f"footprint: {footprint['alloc_mib']} MiB allocated for {size} (loop)")
+    if qsd is None:
+        footprint["qcow2_note"] = f"not measured: {qcow2_reason or 'no qemu-storage-daemon'}"
+        say(f"footprint: qcow2 {footprint['qcow2_note']}")
+        return footprint, datapath
+    try:
+        q = qcow2_footprint(driver, size, qsd)
+    except Exception as exc:
+        footprint["qcow2_note"] = f"not measured: the qcow2 volume failed: {exc}"
+        say(f"footprint: qcow2 {footprint['qcow2_note']}")
+        return footprint, datapath
+    footprint["qcow2"] = q
+    footprint["qcow2_alloc_mib"] = q["alloc_mib"]
+    footprint["qcow2_note"] = (
+        "measured on one volume, published right after the loop one by the same driver"
+        + (f"; LEFT BEHIND after unpublish: {', '.join(q['leftovers'])}" if q["leftovers"] else "")
+    )
+    say(
+        f"footprint: {q['alloc_mib']} MiB allocated for {size} (qcow2), publish "
+        f"{q['publish_s']:.2f} s, unpublish {q['unpublish_s']:.2f} s, "
+        f"left behind: {', '.join(q['leftovers']) or 'nothing'}"
+    )
     return footprint, datapath
+
+
+def qcow2_footprint(driver: Driver, size: str, qsd: Qsd) -> dict[str, Any]:
+    """One backing=qcow2 volume: blocks its image holds right after publish, publish and
+    unpublish wall time, and what is left after unpublish (nothing, if all is well)."""
+    pod = str(uuid.uuid4())
+    names = driver.names(pod)
+    before = connected_nbds()
+    say(f"footprint: publishing a {size} volume (qcow2)")
+    start = time.perf_counter()
+    try:
+        driver.publish(pod, size, backing="qcow2")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            driver.unpublish(pod)
+        raise
+    publish_s = time.perf_counter() - start
+    try:
+        devices = sorted(set(connected_nbds()) - set(before))
+        alloc_now = allocated(names.backing)
+        os.sync()
+        alloc_synced = allocated(names.backing)
+        st = os.stat(names.backing)
+        header = os.stat(names.header).st_size if os.path.exists(names.header) else None
+    finally:
+        start = time.perf_counter()
+        driver.unpublish(pod)
+        unpublish_s = time.perf_counter() - start
+    leftovers = []
+    if os.path.exists(names.backing):
+        leftovers.append(f"image {names.backing}")
+    if os.path.exists(names.header):
+        leftovers.append(f"header {names.header}")
+    if dm_kname(names.mapping):
+        leftovers.append(f"mapping {names.mapping}")
+    leftovers += [f"connected {d}" for d in connected_nbds() if d not in before]
+    if (driver.state_dir / "nbd" / names.mapping).exists():
+        leftovers.append(f"claim file {driver.state_dir / 'nbd' / names.mapping}")
+    try:
+        if names.mapping in qsd.exports():
+            leftovers.append(f"qemu-storage-daemon export {names.mapping}")
+        if node_name(names.mapping) in qsd.nodes():
+            leftovers.append(f"qemu-storage-daemon block node {node_name(names.mapping)}")
+    except Exception as exc:
+        leftovers.append(f"unknown: qemu-storage-daemon did not answer ({exc})")
+    return {
+        "size": size,
+        "backing": "qcow2",
+        "nbd_devices": devices,  # connected by this publish: one, if all is well
+        "apparent_bytes": st.st_size,
+        "allocated_bytes_right_after_publish": alloc_now,
+        "allocated_bytes_after_sync": alloc_synced,
+        "alloc_mib": mib(max(alloc_now, alloc_synced)),
+        "detached_header_bytes_on_tmpfs": header,
+        "publish_s": r4(publish_s),
+        "unpublish_s": r4(unpublish_s),
+        "timing_samples": 1,
+        "leftovers": leftovers,
+    }
 
 
 def memory_phase(driver: Driver, n: int, size: str, idle: dict[str, int]) -> dict[str, Any]:
@@ -1160,6 +1342,7 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
 
     conc = results.get("concurrency", {})
     foot = results.get("footprint", {})
+    qcow2 = foot.get("qcow2") or {}
     mem = results.get("memory", {})
     summary: dict[str, Any] = {
         "publish_vs_handrun_p50": ratio(p50("ours"), p50("handrun")),
@@ -1171,7 +1354,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "concurrency_speedup_16": conc.get("speedup"),
         "concurrency_errors": conc.get("errors"),
         "alloc_10g_mib": foot.get("alloc_mib"),
-        "alloc_10g_qcow2_mib": None,
+        "alloc_10g_qcow2_mib": foot.get("qcow2_alloc_mib"),
+        "qcow2_publish_vs_loop": ratio(qcow2.get("publish_s"), foot.get("publish_s")),
+        "qcow2_unpublish_vs_loop": ratio(qcow2.get("unpublish_s"), foot.get("unpublish_s")),
         "rss_idle_mib": mem.get("rss_idle_mib", results.get("rss_idle_mib")),
         "rss_50_volumes_mib": mem.get("rss_with_volumes_mib"),
         "kernel": env["kernel"],
@@ -1214,8 +1399,8 @@ def missing_requirements() -> list[str]:
     return missing
 
 
-def sweep(base: Path, data_mount: Path) -> None:
-    """Best effort: remove every mount, mapping and loop device this run left behind."""
+def sweep(base: Path, data_mount: Path, nbd_claims: Path) -> None:
+    """Best effort: remove every mount, mapping, loop and NBD device this run left behind."""
     for point, _ in reversed(mounts()):
         if point.startswith(str(base) + "/") and point != str(data_mount):
             sh(["umount", point], check=False)
@@ -1226,6 +1411,11 @@ def sweep(base: Path, data_mount: Path) -> None:
     for entry in glob.glob("/sys/block/loop*/loop/backing_file"):
         if read_text(entry).startswith(str(data_mount) + "/"):
             sh(["losetup", "--detach", "/dev/" + entry.split(os.sep)[-3]], check=False)
+    connected = connected_nbds()
+    for claim in glob.glob(str(nbd_claims / "luks-eph-*")):  # the driver's own record
+        device = read_text(claim)
+        if device in connected and shutil.which("nbd-client", path=CMD_ENV["PATH"]):
+            sh(["nbd-client", "-d", device], check=False)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -1299,6 +1489,8 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(tempfile.mkdtemp(prefix="lec-bench-", dir="/run"))
     data: DataFs | None = None
     driver: Driver | None = None
+    qsd: Qsd | None = None
+    qcow2_reason: str | None = None
     status = 0
     try:
         data = DataFs(base, parse_quantity(args.data_size))
@@ -1310,15 +1502,33 @@ def main(argv: list[str] | None = None) -> int:
         audit_run.mkdir()
         say("audit: one publish with a DEBUG driver to capture the commands it runs")
         results["handrun_script"] = audit(base, audit_run, driver_dir, args.size)
-        driver = Driver(base, run_dir, driver_dir, "INFO")
-        say("starting the driver")
+        # Whatever the phases, the driver runs as the chart's default (qcow2.enabled) runs it,
+        # with --qsd-socket, whenever qemu-storage-daemon can run here: same config every run.
+        qcow2_reason = qcow2_unavailable()
+        if qcow2_reason is None:
+            say("starting qemu-storage-daemon (its own daemon) for backing=qcow2")
+            qsd = Qsd(run_dir)
+            try:
+                qsd.start()
+            except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
+                qcow2_reason = f"qemu-storage-daemon did not start: {exc}"
+                qsd.stop()
+                qsd = None
+        else:
+            say(f"backing=qcow2 not measured: {qcow2_reason}")
+        results["config"]["driver_qsd_socket"] = qsd is not None
+        qsd_args = ["--qsd-socket", str(qsd.socket)] if qsd is not None else []
+        driver = Driver(base, run_dir, driver_dir, "INFO", qsd_args)
+        say("starting the driver" + (" with --qsd-socket" if qsd_args else ""))
         driver.start()
         time.sleep(2)
         idle = driver.rss()
         results["rss_idle_mib"] = mib(idle.get("VmRSS", 0))
         say(f"driver idle VmRSS {results['rss_idle_mib']} MiB")
         if "footprint" in args.phases:
-            results["footprint"], results["datapath"] = footprint_phase(driver, args.footprint_size)
+            results["footprint"], results["datapath"] = footprint_phase(
+                driver, args.footprint_size, qsd, qcow2_reason
+            )
         if "latency" in args.phases:
             script = results["handrun_script"]["script"]
             headers = run_dir / "bench-headers"
@@ -1351,11 +1561,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if driver is not None:
             driver.stop()
-        if data is not None:
-            sweep(base, data.mountpoint)
-            data.close()
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(run_dir, ignore_errors=True)
+        try:
+            if data is not None:
+                sweep(base, data.mountpoint, run_dir / "state" / "nbd")
+        finally:
+            if qsd is not None:  # after the NBD devices are gone, before the data fs goes
+                qsd.stop()
+            if data is not None:
+                data.close()
+            shutil.rmtree(base, ignore_errors=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
     results["summary"] = summarise(results)
     results["notes"] += notes(results)
     text = json.dumps(results, indent=2) + "\n"
@@ -1398,7 +1613,23 @@ def notes(results: dict[str, Any]) -> list[str]:
         "The driver serves Prometheus metrics on 127.0.0.1 (step times are scraped "
         "from luks_ephemeral_step_seconds); its RSS includes that HTTP server."
     )
-    out.append("Footprint: backing=qcow2 is not implemented yet, so only loop is measured.")
+    if results["config"].get("driver_qsd_socket"):
+        out.append(
+            "The driver ran with --qsd-socket (as with the chart's default qcow2.enabled), "
+            "pointing at a qemu-storage-daemon the bench ran as its own daemon; loop volumes "
+            "never talk to it (their teardown skips the NBD step)."
+        )
+    foot = results.get("footprint")
+    if foot:
+        q = foot.get("qcow2")
+        if q:
+            out.append(
+                "Footprint: one volume per backing, loop first (the driver's first publish "
+                "since it started), then qcow2; each publish and unpublish time is one sample. "
+                "qcow2 allocation is st_blocks of the image file, as for loop's sparse file."
+            )
+        else:
+            out.append(f"Footprint: backing=qcow2 {foot.get('qcow2_note')}")
     return out
 
 
