@@ -59,10 +59,10 @@ from pathlib import Path
 from typing import Any
 
 from csi.host.nbd import node_name
-from csi.host.qmp import Qmp
 from csi.journal import Names
 from csi.params import parse_quantity
 from csi.tools.kubelet import InlineVolume, Kubelet
+from csi.tools.qsd import QemuStorageDaemon
 
 REPO = Path(__file__).resolve().parents[1]
 MiB = 1024**2
@@ -487,60 +487,18 @@ class Driver:
                 self.proc.wait(30)
 
 
-class Qsd:
-    """qemu-storage-daemon, daemonized on its own with a QMP monitor on a unix socket, as the
-    chart's sidecar runs it: the driver only drives it over QMP and never starts or stops it.
-    The driver serves qcow2 exports on ``nbd.sock`` next to this socket."""
+class Qsd(QemuStorageDaemon):
+    """qemu-storage-daemon, daemonized on its own as the chart's sidecar runs it: the driver
+    only drives it over QMP and never starts or stops it."""
 
     def __init__(self, run_dir: Path) -> None:
-        self.dir = run_dir / "qsd"
-        self.socket = self.dir / "qmp.sock"
-        self.pidfile = self.dir / "qsd.pid"
+        super().__init__(run_dir / "qsd")
 
-    def start(self) -> None:
-        self.dir.mkdir(mode=0o700)
-        sh(
-            [
-                "qemu-storage-daemon",
-                "--chardev",
-                f"socket,id=qmp,path={self.socket},server=on,wait=off",
-                "--monitor",
-                "chardev=qmp",
-                "--daemonize",
-                "--pidfile",
-                str(self.pidfile),
-            ]
-        )
-        deadline = time.monotonic() + 60  # --daemonize returns once it is set up: a formality
-        while not self.socket.exists():
-            if time.monotonic() > deadline:
-                raise BenchError(f"qemu-storage-daemon made no socket at {self.socket}")
-            time.sleep(0.1)
-
-    def pid(self) -> int | None:
-        text = read_text(str(self.pidfile))
-        return int(text) if text.isdigit() else None
-
-    def exports(self) -> list[str]:
-        with Qmp(str(self.socket)) as qmp:
-            return [e["id"] for e in qmp.execute("query-block-exports")]
-
-    def nodes(self) -> list[str]:
-        with Qmp(str(self.socket)) as qmp:
-            return [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
-
-    def stop(self) -> None:
-        """SIGTERM to the daemon (by the pid in its pidfile), SIGKILL if it lingers."""
-        pid = self.pid()
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 30
-                while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                if os.path.exists(f"/proc/{pid}"):
-                    os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(self.dir, ignore_errors=True)
+    def start(self, timeout: float = 60.0) -> None:
+        try:
+            super().start(timeout)
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            raise BenchError(f"qemu-storage-daemon did not start: {exc}") from None
 
 
 def qcow2_unavailable() -> str | None:

@@ -261,7 +261,8 @@ class FakeHost:
             self.exports.pop(export, None)
 
     def nbd_exports(self) -> list[str]:
-        self._enter("nbd_exports")
+        if (error := self.faults.pop("nbd_exports", None)) is not None:  # a query: not a call
+            raise error
         return sorted(set(self.exports) | set(self.nbds.values()))
 
     def nbd_export_alive(self, export: str) -> bool:

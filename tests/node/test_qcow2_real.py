@@ -6,7 +6,6 @@ driver leaves the NBD server and the kernel's connection to it alone."""
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
 import json
@@ -22,7 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi.host.qmp import Qmp
+from csi.tools.qsd import QemuStorageDaemon
 from tests.node.conftest import Driver, SmallFs, crypt_mappings, leftovers, sh
 from tests.node.test_crash_real import WRITER
 
@@ -30,33 +29,15 @@ MiB = 1024**2
 MARKER = b"QCOW2-PLAINTEXT-MARKER-7f3a9c "
 
 
-class Qsd:
-    """qemu-storage-daemon with a QMP monitor on a unix socket, daemonized on its own."""
+class Qsd(QemuStorageDaemon):
+    """qemu-storage-daemon as its own daemon, as the chart's sidecar is."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="lec-qsd-", dir="/run"))
-        self.socket = self.dir / "qmp.sock"
-        self.pidfile = self.dir / "qsd.pid"
-        sh("qemu-storage-daemon", "--chardev",
-           f"socket,id=qmp,path={self.socket},server=on,wait=off", "--monitor", "chardev=qmp",
-           "--daemonize", "--pidfile", str(self.pidfile))  # fmt: skip
-
-    def exports(self) -> list[str]:
-        with Qmp(str(self.socket)) as qmp:
-            return [e["id"] for e in qmp.execute("query-block-exports")]
-
-    def nodes(self) -> list[str]:
-        with Qmp(str(self.socket)) as qmp:
-            return [n["node-name"] for n in qmp.execute("query-named-block-nodes", flat=True)]
+        super().__init__(Path(tempfile.mkdtemp(prefix="lec-qsd-", dir="/run")))
+        self.start()
 
     def close(self) -> None:
-        if self.pidfile.exists():
-            pid = int(self.pidfile.read_text())
-            with contextlib.suppress(ProcessLookupError):  # a test may have killed it
-                os.kill(pid, 15)
-            deadline = time.monotonic() + 30
-            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-                time.sleep(0.1)
+        self.stop()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

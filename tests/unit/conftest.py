@@ -12,3 +12,11 @@ def harness() -> Iterator[Harness]:
     h = Harness()
     yield h
     h.close()
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    """A driver in ``all`` mode: Identity, Controller and Node services on one socket."""
+    harness = Harness(mode="all")
+    yield harness
+    harness.close()

@@ -7,9 +7,11 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+import pytest
 
 from csi.__main__ import build_server
 from csi.config import Config
@@ -199,3 +201,11 @@ def code_of(error: BaseException) -> grpc.StatusCode:
     assert isinstance(error, grpc.RpcError), error
     code: grpc.StatusCode = error.code()
     return code
+
+
+def fails(call: Callable[[], object], code: grpc.StatusCode) -> str:
+    """Run ``call``, assert it fails with ``code``, return the error's details."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert code_of(err.value) == code, err.value.details()
+    return str(err.value.details())

@@ -4,7 +4,7 @@ GetCapacity, ValidateVolumeCapabilities and ControllerExpandVolume, with the cap
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -14,26 +14,12 @@ from csi.capability import Capability
 from csi.journal import RESERVED, STAGED
 from csi.proto import csi_pb2 as pb
 from csi.staged import StagedVolumes, StageRequest
-from tests.unit.harness import CrashAfter, Harness, SimulatedCrash, code_of
+from tests.unit.harness import CrashAfter, Harness, SimulatedCrash, code_of, fails
 
 MiB = 1024**2
 GiB = 1024**3
 KEY = "luks-ephemeral.csi.io/node"
 Mode = pb.VolumeCapability.AccessMode.Mode
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness(mode="all")
-    yield harness
-    harness.close()
-
-
-def fails(call: Callable[[], object], code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    assert code_of(err.value) == code, err.value.details()
-    return str(err.value.details())
 
 
 def create(h: Harness, name: str = "pvc-1", **kwargs: Any) -> pb.Volume:

@@ -4,33 +4,17 @@ LUKS2 path follows. The NBD server is not the driver's: a driver restart re-adop
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-
 import grpc
 import pytest
 
 from csi.journal import PUBLISHED, STAGED
 from csi.params import QCOW2_METADATA_BYTES, VolumeSpec
 from csi.volumes import PUBLISH_STEPS
-from tests.unit.harness import Harness, code_of
+from tests.unit.harness import Harness, fails
 
 MiB = 1024**2
 QCOW2 = {"size": "64Mi", "backing": "qcow2"}
 TEARDOWN_STEPS = ("unmount", "close", "detach", "delete", "forget")
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness(mode="all")
-    yield harness
-    harness.close()
-
-
-def fails(call: Callable[[], object], code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    assert code_of(err.value) == code, err.value.details()
-    return str(err.value.details())
 
 
 def assert_live_qcow2(h: Harness, pod: str = "pod-a") -> str:

@@ -4,7 +4,6 @@ unpublish, unstage, block mode, online expansion, stats, busy and conflict rules
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -12,24 +11,10 @@ import pytest
 from csi.journal import RESERVED, STAGED
 from csi.proto import csi_pb2 as pb
 from csi.tools.kubelet import PvcVolume
-from tests.unit.harness import Harness, code_of
+from tests.unit.harness import Harness, fails
 
 MiB = 1024**2
 GiB = 1024**3
-
-
-@pytest.fixture
-def h() -> Iterator[Harness]:
-    harness = Harness(mode="all")
-    yield harness
-    harness.close()
-
-
-def fails(call: Callable[[], object], code: grpc.StatusCode) -> str:
-    with pytest.raises(grpc.RpcError) as err:
-        call()
-    assert code_of(err.value) == code, err.value.details()
-    return str(err.value.details())
 
 
 def finish(h: Harness, pv: PvcVolume) -> None:
