@@ -21,8 +21,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from csi.journal import Names
 from csi.tools.qsd import QemuStorageDaemon
-from tests.node.conftest import Driver, SmallFs, crypt_mappings, leftovers, sh
+from tests.node.conftest import (
+    Driver,
+    SmallFs,
+    crypt_mappings,
+    leftovers,
+    sh,
+    volume_leftovers,
+)
 from tests.node.test_crash_real import WRITER
 
 MiB = 1024**2
@@ -172,3 +180,47 @@ def test_qcow2_unpublish_after_qemu_storage_daemon_died(qdriver: Driver, qsd: Qs
     assert connected_nbds() == []
     assert not os.path.exists(names.backing)
     assert glob.glob(str(qdriver.state_dir / "nbd" / "*")) == []
+
+
+def test_qcow2_pvc_block_and_filesystem_stage_publish_unstage(
+    base: Path, data_fs: SmallFs, qsd: Qsd
+) -> None:
+    """Provisioned qcow2 volumes: a raw block volume read and written through the pod's device
+    and a filesystem volume bound into a pod, each staged on its own NBD device; unstage and
+    DeleteVolume leave no export, no block node, no NBD connection, no claim and no file."""
+    d = Driver(base, data_fs.mountpoint, "--metrics-address", "", "--qsd-socket",
+               str(qsd.socket), mode="all")  # fmt: skip
+    d.start()
+    try:
+        qcow2 = {"backing": "qcow2"}
+        block = d.p.create("pvc-qb", "node-test", 64 * MiB, parameters=qcow2, block=True)
+        files = d.p.create("pvc-qf", "node-test", 64 * MiB, parameters=qcow2)
+        d.k.stage(block)
+        d.k.stage(files)
+        assert len(connected_nbds()) == 2 and len(qsd.exports()) == 2
+        device = d.k.publish_pvc(block, "pod-b")
+        data = MARKER * (MiB // len(MARKER))
+        with open(device, "r+b", buffering=0) as dev:
+            os.pwrite(dev.fileno(), data, 8 * MiB)
+            os.fsync(dev.fileno())
+        target = d.k.publish_pvc(files, "pod-f")
+        Path(target, "kept").write_bytes(data)
+        os.sync()
+        sh("sh", "-c", "echo 3 > /proc/sys/vm/drop_caches")
+        with open(device, "rb", buffering=0) as dev:
+            assert os.pread(dev.fileno(), len(data), 8 * MiB) == data
+        assert Path(target, "kept").read_bytes() == data
+        for pv in (block, files):
+            names = Names.of(pv.volume_id, str(d.data_dir), str(d.state_dir))
+            assert mapping_device_major(names.mapping) == 43
+            assert MARKER not in Path(names.backing).read_bytes(), "plaintext in the image"
+        d.k.unpublish_pvc(block, "pod-b")
+        d.k.unpublish_pvc(files, "pod-f")
+        for pv in (block, files):
+            d.k.unstage(pv)
+            d.p.delete(pv.volume_id)
+            assert volume_leftovers(d, pv) == []
+        assert qsd.exports() == [] and qsd.nodes() == [] and connected_nbds() == []
+        assert glob.glob(str(d.state_dir / "nbd" / "*")) == []
+    finally:
+        d.cleanup()

@@ -594,7 +594,7 @@ def test_resizer_deployment_runs_the_driver_in_controller_mode(full_objects: lis
     assert deployment["metadata"]["namespace"] == NAMESPACE
     assert deployment["spec"]["replicas"] == 1
     pod = controller_containers(full_objects)
-    assert set(pod) == {"driver", "csi-resizer"}
+    assert set(pod) == {"driver", "csi-resizer", "liveness-probe"}
     driver = pod["driver"]
     config = driver_config(full_objects, driver)
     assert config.mode == "controller"
@@ -613,7 +613,13 @@ def test_resizer_deployment_runs_the_driver_in_controller_mode(full_objects: lis
     # ControllerExpandVolume only checks the request and the node grows the volume
     env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in driver["env"]}
     assert env == {"NODE_ID": "metadata.name"}
-    assert "livenessProbe" not in driver  # Probe checks node requirements this pod lacks
+    # Probe in controller mode needs nothing of the node, so the pod can be health-checked
+    assert driver["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    port = next(p["containerPort"] for p in driver["ports"] if p["name"] == "healthz")
+    probe = controller_containers(full_objects)["liveness-probe"]
+    assert arg_value(probe, "--health-port") == str(port)
+    assert arg_value(probe, "--csi-address") == "/csi/csi.sock"
+    assert mounts(probe) == {"socket-dir": "/csi"}
 
 
 def test_resizer_sidecar(full_objects: list[Obj]) -> None:
