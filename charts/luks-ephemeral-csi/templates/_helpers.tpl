@@ -119,3 +119,25 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/*
+The livenessprobe sidecar: serves /healthz on node.healthPort by calling the driver's Probe over
+the socket in the volume named `socketVolume`. Shared by the node and the controller pods.
+*/}}
+{{- define "luks-ephemeral-csi.livenessProbeContainer" -}}
+{{- $probe := .root.Values.sidecars.livenessProbe -}}
+- name: liveness-probe
+  image: {{ include "luks-ephemeral-csi.sidecarImage" $probe.image }}
+  imagePullPolicy: {{ $probe.image.pullPolicy }}
+  args:
+    - --v={{ $probe.logLevel }}
+    - --csi-address=/csi/csi.sock
+    - --health-port={{ .root.Values.node.healthPort }}
+  securityContext:
+    {{- include "luks-ephemeral-csi.sidecarSecurityContext" .root | nindent 4 }}
+  resources:
+    {{- toYaml $probe.resources | nindent 4 }}
+  volumeMounts:
+    - name: {{ .socketVolume }}
+      mountPath: /csi
+{{- end }}
