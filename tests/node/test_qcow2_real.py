@@ -21,7 +21,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from csi.journal import Names
 from csi.tools.qsd import QemuStorageDaemon
 from tests.node.conftest import (
     Driver,
@@ -32,6 +31,7 @@ from tests.node.conftest import (
     volume_leftovers,
 )
 from tests.node.test_crash_real import WRITER
+from tests.node.test_pvc_real import NODE, names_of
 
 MiB = 1024**2
 MARKER = b"QCOW2-PLAINTEXT-MARKER-7f3a9c "
@@ -62,7 +62,7 @@ def qsd() -> Iterator[Qsd]:
         reason = f"qcow2 tests need {', '.join(missing)}"
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI: {reason}")
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     daemon = Qsd()
     yield daemon
     daemon.close()
@@ -193,8 +193,8 @@ def test_qcow2_pvc_block_and_filesystem_stage_publish_unstage(
     d.start()
     try:
         qcow2 = {"backing": "qcow2"}
-        block = d.p.create("pvc-qb", "node-test", 64 * MiB, parameters=qcow2, block=True)
-        files = d.p.create("pvc-qf", "node-test", 64 * MiB, parameters=qcow2)
+        block = d.p.create("pvc-qb", NODE, 64 * MiB, parameters=qcow2, block=True)
+        files = d.p.create("pvc-qf", NODE, 64 * MiB, parameters=qcow2)
         d.k.stage(block)
         d.k.stage(files)
         assert len(connected_nbds()) == 2 and len(qsd.exports()) == 2
@@ -211,7 +211,7 @@ def test_qcow2_pvc_block_and_filesystem_stage_publish_unstage(
             assert os.pread(dev.fileno(), len(data), 8 * MiB) == data
         assert Path(target, "kept").read_bytes() == data
         for pv in (block, files):
-            names = Names.of(pv.volume_id, str(d.data_dir), str(d.state_dir))
+            names = names_of(d, pv)
             assert mapping_device_major(names.mapping) == 43
             assert MARKER not in Path(names.backing).read_bytes(), "plaintext in the image"
         d.k.unpublish_pvc(block, "pod-b")

@@ -616,7 +616,7 @@ def test_resizer_deployment_runs_the_driver_in_controller_mode(full_objects: lis
     # Probe in controller mode needs nothing of the node, so the pod can be health-checked
     assert driver["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     port = next(p["containerPort"] for p in driver["ports"] if p["name"] == "healthz")
-    probe = controller_containers(full_objects)["liveness-probe"]
+    probe = pod["liveness-probe"]
     assert arg_value(probe, "--health-port") == str(port)
     assert arg_value(probe, "--csi-address") == "/csi/csi.sock"
     assert mounts(probe) == {"socket-dir": "/csi"}

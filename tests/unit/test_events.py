@@ -20,6 +20,7 @@ from tests.unit.metrics_harness import FakeApiServer, MetricsHarness
 
 MiB = 1024**2
 DRIVER = "luks-ephemeral.csi.io"
+IN_A_POD = os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token")
 
 
 @pytest.fixture
@@ -256,10 +257,7 @@ def test_refusals_without_api_access_log_nothing_more(caplog: pytest.LogCaptureF
     assert not any("event" in m.lower() for m in messages if m != OFF_MESSAGE)
 
 
-@pytest.mark.skipif(
-    os.path.exists("/var/run/secrets/kubernetes.io/serviceaccount/token"),
-    reason="running inside a pod: in-cluster credentials exist",
-)
+@pytest.mark.skipif(IN_A_POD, reason="running inside a pod: in-cluster credentials exist")
 def test_in_cluster_without_a_service_account_token_is_off(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

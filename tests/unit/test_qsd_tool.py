@@ -10,9 +10,10 @@ import pytest
 
 from csi.tools.qsd import QemuStorageDaemon, main
 
+NO_QSD = shutil.which("qemu-storage-daemon") is None
 
-@pytest.mark.skipif(shutil.which("qemu-storage-daemon") is None,
-                    reason="qemu-storage-daemon is not installed (Debian: qemu-system-common)")
+
+@pytest.mark.skipif(NO_QSD, reason="no qemu-storage-daemon (Debian: qemu-system-common)")
 def test_start_serves_qmp_then_stop_ends_it(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
