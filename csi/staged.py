@@ -28,7 +28,7 @@ from csi.errors import (
 )
 from csi.journal import RESERVED, STAGED, STAGING, UNSTAGING, Names, Record
 from csi.params import VolumeSpec, check_combination, parse_attributes, size_from_range
-from csi.volumes import Volumes, node_of
+from csi.volumes import Volumes, eager_mkfs, node_of
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class StagedVolumes:
             self.core.open_volume(names, spec, keyring=False)
             if spec.access_type == MOUNT:
                 with self.core.timed_step("mkfs"):  # always: never trust what is on the device
-                    self.host.mkfs(names.mapper_device, spec.fs_type)
+                    self.host.mkfs(names.mapper_device, spec.fs_type, eager=eager_mkfs(spec))
                 with self.core.timed_step("mount"):
                     self._mount_staging(names, record)
             with self.core.timed_step("record"):

@@ -71,6 +71,9 @@ class Events:
     def orphan_removed(self, reason: str) -> None:
         """Start-up removed an object no record accounts for."""
 
+    def record_set_aside(self, path: str) -> None:
+        """An unreadable journal record was renamed out of the way (kept, never deleted)."""
+
 
 @dataclass(frozen=True)
 class PublishRequest:
@@ -153,6 +156,18 @@ def key_bits(spec: VolumeSpec) -> int:
     by itself; passing the sum is refused ("Key size in XTS mode must be 256 or 512 bits").
     """
     return 512 if spec.cipher == "aes-xts-plain64" else 256
+
+
+def needs_integrity_wipe(spec: VolumeSpec) -> bool:
+    """dm-integrity fails reads of sectors whose tags were never written. A block volume's
+    reader may read anything, so its device is wiped at format time (cost O(size)); a
+    filesystem made eagerly (``eager_mkfs``) only reads what it wrote, so it skips the wipe."""
+    return spec.integrity != "none" and spec.access_type != "mount"
+
+
+def eager_mkfs(spec: VolumeSpec) -> bool:
+    """Integrity filesystems write their metadata at mkfs time (nothing read is unwritten)."""
+    return spec.integrity != "none"
 
 
 class Volumes:
@@ -293,7 +308,7 @@ class Volumes:
                 self.reserve(record)
             self.open_volume(names, spec, keyring=True)
             with self.timed_step("mkfs"):  # always: never trust what is on the device
-                self.host.mkfs(names.mapper_device, spec.fs_type)
+                self.host.mkfs(names.mapper_device, spec.fs_type, eager=eager_mkfs(spec))
             with self.timed_step("mount"):
                 self._mount(names, request)
             with self.timed_step("record"):
@@ -344,7 +359,8 @@ class Volumes:
     def _format_and_open(self, names: Names, spec: VolumeSpec, device: str, keyring: bool) -> None:
         """Format with a fresh key and open it; the key is zeroed when this returns."""
         header = self.header_of(names, spec)
-        options = LuksFormat(spec.cipher, key_bits(spec), spec.integrity, header)
+        options = LuksFormat(spec.cipher, key_bits(spec), spec.integrity, header,
+                             wipe=needs_integrity_wipe(spec))  # fmt: skip
         with self.key_source(PASSPHRASE_BYTES) as key:
             with self.timed_step("format"):
                 self.host.luks_format(device, key, options)

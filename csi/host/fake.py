@@ -50,6 +50,7 @@ class FakeHost:
     loops: dict[str, str] = field(default_factory=dict)  # device -> backing
     luks: dict[str, str] = field(default_factory=dict)  # header location -> key hash
     luks_options: dict[str, LuksFormat] = field(default_factory=dict)
+    mkfs_eager: dict[str, bool] = field(default_factory=dict)  # device -> eager metadata
     mappings: dict[str, str] = field(default_factory=dict)  # name -> device
     qcow2_sizes: dict[str, int] = field(default_factory=dict)  # image -> virtual size
     keyring: dict[str, bool] = field(default_factory=dict)  # name -> key held by keyring ref
@@ -340,10 +341,11 @@ class FakeHost:
         return sorted(n for n in self.mappings if n.startswith(prefix))
 
     # filesystems -------------------------------------------------------------------------
-    def mkfs(self, device: str, fs_type: str) -> None:
+    def mkfs(self, device: str, fs_type: str, *, eager: bool = False) -> None:
         with self._lock:
             self._enter("mkfs", device)
             self.filesystems[device] = fs_type
+            self.mkfs_eager[device] = eager
             self.fs_sizes[device] = self.device_size(device)
             self.fs_errors.pop(device, None)
 

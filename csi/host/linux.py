@@ -12,7 +12,7 @@ import stat
 from csi.errors import Busy, FailedPrecondition, Internal
 from csi.host import FsStats, LuksFormat
 from csi.host.nbd import Qcow2Nbd
-from csi.host.runner import CommandFailed, run
+from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, run
 from csi.keys import VolumeKey
 
 log = logging.getLogger(__name__)
@@ -239,6 +239,8 @@ class LinuxHost:
         ]  # fmt: skip
         if options.integrity != "none":
             argv += ["--integrity", options.integrity]
+            if not options.wipe:
+                argv.append("--integrity-no-wipe")
         if options.header:
             argv += ["--header", options.header]
         run([*argv, device], stdin=key.view, timeout=FORMAT_TIMEOUT)
@@ -318,20 +320,15 @@ class LinuxHost:
         return sorted(n for n in self._dm_names() if n.startswith(prefix))
 
     # filesystems -------------------------------------------------------------------------
-    def mkfs(self, device: str, fs_type: str) -> None:
+    def mkfs(self, device: str, fs_type: str, *, eager: bool = False) -> None:
+        """``eager`` writes every metadata block now (inode tables, journal), so the filesystem
+        never reads a sector it did not write: needed on an unwiped dm-integrity device, where
+        such a read fails with EIO."""
         if fs_type == "ext4":
-            run(
-                [
-                    "mkfs.ext4",
-                    "-F",
-                    "-q",
-                    "-m",
-                    "0",
-                    "-E",
-                    "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
-                    device,
-                ]
-            )
+            lazy = "0" if eager else "1"
+            extended = f"lazy_itable_init={lazy},lazy_journal_init={lazy},nodiscard"
+            run(["mkfs.ext4", "-F", "-q", "-m", "0", "-E", extended, device],
+                timeout=FORMAT_TIMEOUT if eager else DEFAULT_TIMEOUT)  # fmt: skip
         elif fs_type == "xfs":
             run(["mkfs.xfs", "-f", "-q", "-K", device])
         else:
