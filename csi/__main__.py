@@ -14,7 +14,7 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-from csi import __version__, logs
+from csi import __version__, hardening, logs
 from csi.config import Config, add_flags, from_args
 from csi.controller import ControllerServicer
 from csi.errors import DriverError
@@ -32,6 +32,7 @@ from csi.proto import csi_pb2_grpc
 from csi.provision import Provisioner
 from csi.reaper import OrphanReaper
 from csi.server import LoggingInterceptor, Server
+from csi.statelock import LockHeld, state_dir_lock
 from csi.volumes import Volumes
 
 log = logging.getLogger("csi")
@@ -39,6 +40,7 @@ log = logging.getLogger("csi")
 # Test-only fault hook: SIGKILL this very process right after the named lifecycle step, so the
 # real-kernel tests can prove crash recovery. It never touches any other process.
 CRASH_ENV = "LUKS_EPHEMERAL_TEST_CRASH_AFTER"
+EXIT_LOCK_HELD = 3  # another driver runs on this state dir
 
 
 def crash_hook(environ: dict[str, str]) -> Callable[[str], None] | None:
@@ -107,7 +109,8 @@ class ClusterIntegration:
 
 
 def serve(config: Config) -> int:
-    """Serve until SIGTERM or SIGINT."""
+    """Harden this process, then serve until SIGTERM or SIGINT."""
+    hardening.harden_process()  # before any key exists, and before any child is spawned
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -120,8 +123,19 @@ def run(
     host: Host | None = None,
     environ: dict[str, str] | None = None,
 ) -> int:
-    """Start everything ``config`` asks for, serve until ``stop`` is set, then shut down."""
-    environ = dict(os.environ) if environ is None else environ
+    """Start everything ``config`` asks for, serve until ``stop`` is set, then shut down.
+
+    Every mode journals in the state dir, so every mode first becomes the only driver on it
+    (LockHeld otherwise), before the journal is read and before the start-up reconcile.
+    """
+    with state_dir_lock(config.state_dir).acquire(config.state_lock_wait, stop):
+        hardening.warn_unless_in_memory(config.state_dir)
+        return _run_locked(config, stop, host, dict(os.environ) if environ is None else environ)
+
+
+def _run_locked(
+    config: Config, stop: threading.Event, host: Host | None, environ: dict[str, str]
+) -> int:
     cluster = None
     registry = CollectorRegistry()
     ProcessCollector(registry=registry)
@@ -179,6 +193,9 @@ def owner_of(record: Record) -> str:
 
 
 def list_volumes(config: Config, as_json: bool) -> int:
+    """Read-only, so it takes no state-dir lock: it is meant to run beside the serving driver
+    (``kubectl exec``). Journal records are replaced by atomic renames, so it never sees half
+    a record, and a record deleted while it lists is skipped."""
     volumes = Volumes(config, linux_host(config))
     rows = []
     for info in volumes.list():
@@ -225,7 +242,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(config.log_format, config.log_level)
     if args.command == "volumes":
         return list_volumes(config, args.json)
-    return serve(config)
+    try:
+        return serve(config)
+    except LockHeld as exc:
+        log.error("%s", exc)
+        return EXIT_LOCK_HELD
 
 
 if __name__ == "__main__":

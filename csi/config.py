@@ -35,6 +35,10 @@ class Config:
     reaper_interval: float = 60.0  # seconds between the orphan reaper's rounds
     kube_api_url: str = ""  # dev/test: an API server URL used without credentials
     qsd_socket: str = ""  # qemu-storage-daemon's QMP socket; empty: backing=qcow2 is refused
+    # seconds to wait at start-up for another driver on the same state dir to exit: long enough
+    # for a pod that is still shutting down (terminationGracePeriodSeconds, 30 s by default),
+    # shorter than the liveness probe's patience (60 s in the chart)
+    state_lock_wait: float = 30.0
 
     @property
     def socket_path(self) -> str:
@@ -87,6 +91,9 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "qsd-socket": ("QSD_SOCKET", "QMP socket of the qemu-storage-daemon that serves qcow2 "
                    "volumes (it must outlive the driver: run it as a sidecar); empty refuses "
                    "backing=qcow2"),
+    "state-lock-wait": ("STATE_LOCK_WAIT", "how long (seconds, or 30s/1m) a starting driver "
+                        "waits for another driver on the same state dir to exit before it gives "
+                        "up; 0 gives up at once"),
     "kube-api-url": ("KUBE_API_URL", ""),  # hidden: development and tests only
 }
 HIDDEN_FLAGS = {"kube-api-url"}
@@ -165,6 +172,7 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
         reaper_interval=duration("reaper-interval", base.reaper_interval, 1),
         kube_api_url=_kube_api_url(get("kube-api-url", base.kube_api_url)),
         qsd_socket=_absolute("qsd-socket", get("qsd-socket", base.qsd_socket)),
+        state_lock_wait=duration("state-lock-wait", base.state_lock_wait, 0),
     )
     endpoint_path(config.endpoint)
     if config.min_size > config.max_size:

@@ -144,3 +144,20 @@ def test_config_is_frozen() -> None:
     config = Config()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.mode = "all"  # type: ignore[misc]
+
+
+def test_state_lock_wait_default_env_and_flag() -> None:
+    assert from_args("node", parse(), environ={}).state_lock_wait == 30
+    env = {"STATE_LOCK_WAIT": "1m"}
+    assert from_args("node", parse(), environ=env).state_lock_wait == 60
+    assert from_args("node", parse("--state-lock-wait", "0"), environ=env).state_lock_wait == 0
+    assert from_args("all", parse("--state-lock-wait", "2.5s"), environ={}).state_lock_wait == 2.5
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ("-1", "--state-lock-wait must be at least 0 seconds"),
+    ("soon", "--state-lock-wait 'soon' must be a number of seconds"),
+])  # fmt: skip
+def test_state_lock_wait_rejects_bad_values(raw: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        from_args("node", parse("--state-lock-wait", raw), environ={})
