@@ -59,6 +59,11 @@ class Metrics(Events):
             "Volumes or objects removed because nothing accounted for them any more",
             ["reason"], registry=registry,
         )  # fmt: skip
+        self.set_aside_total = Counter(
+            "luks_ephemeral_journal_records_set_aside",
+            "Unreadable journal records moved to <state>/volumes/unreadable (kept, never deleted)",
+            registry=registry,
+        )  # fmt: skip
         # export known series at 0, so rate() and absent-series alerts work from the first scrape
         for step in (*PUBLISH_STEPS, *TEARDOWN_STEPS, *STAGE_STEPS, *BIND_STEPS, *EXPAND_STEPS):
             self.step_failures.labels(step=step)
@@ -77,6 +82,9 @@ class Metrics(Events):
 
     def orphan_removed(self, reason: str) -> None:
         self.orphans.labels(reason=reason).inc()
+
+    def record_set_aside(self, path: str) -> None:
+        self.set_aside_total.inc()  # no path label: one series, whatever the volume
 
     # RPCs --------------------------------------------------------------------------------
     def rpc(self, method: str, code: str, seconds: float) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import os
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from csi.errors import Internal
 from csi.host.fake import FakeFile
-from csi.journal import volume_digest
+from csi.journal import Journal, Record, volume_digest
 from csi.metrics import Metrics, parse_address
 from csi.metrics import serve as serve_metrics
 from csi.volumes import PUBLISH_STEPS
@@ -25,6 +27,7 @@ PUBLISH = "NodePublishVolume"
 UNPUBLISH = "NodeUnpublishVolume"
 TEARDOWN_STEPS = ("unmount", "close", "detach", "delete", "forget")
 OPS = "csi_plugin_operations_seconds_count"
+SET_ASIDE = "luks_ephemeral_journal_records_set_aside_total"
 
 
 @pytest.fixture
@@ -154,16 +157,54 @@ def test_no_key_material_in_metrics(mh: MetricsHarness) -> None:
         assert key.hex().upper() not in text
 
 
-def test_a_broken_journal_does_not_break_the_scrape(mh: MetricsHarness) -> None:
+def test_a_broken_journal_does_not_break_the_scrape(
+    mh: MetricsHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mh.publish("pod-a", attributes={"size": "64Mi"})
-    path = os.path.join(mh.volumes.journal.dir, volume_digest("csi-bad") + ".json")
-    with open(path, "w") as f:
-        f.write("{not json")
+
+    def broken() -> list[Record]:
+        raise Internal("cannot read journal record x: Too many open files")
+
+    monkeypatch.setattr(mh.volumes.journal, "all", broken)
     s = mh.scrape()  # HTTP 200 still
     assert s.value(OPS, method_name=PUBLISH, grpc_status_code="OK") == 1
     assert s.find("luks_ephemeral_volumes") == []
-    os.unlink(path)
+    monkeypatch.undo()
     assert mh.scrape().value("luks_ephemeral_volumes", backing="loop", mode="mount") == 1
+
+
+def test_an_unreadable_record_is_set_aside_counted_and_hides_no_gauge(mh: MetricsHarness) -> None:
+    mh.publish("pod-a", attributes={"size": "64Mi"})
+    journal = mh.volumes.journal
+    journal.on_set_aside = mh.volumes.events.record_set_aside  # as the driver wires it
+    assert mh.scrape().value(SET_ASIDE) == 0  # exported from the start
+    path = os.path.join(journal.dir, volume_digest("csi-bad") + ".json")
+    with open(path, "w") as f:
+        f.write("{not json")
+    s = mh.scrape()  # the scrape reads the journal, which sets the bad record aside
+    assert s.value("luks_ephemeral_volumes", backing="loop", mode="mount") == 1
+    assert not os.path.exists(path)
+    assert journal.unreadable_digests() == {volume_digest("csi-bad")}
+    # counters are collected before the gauges read the journal: the next scrape has it
+    for _ in range(2):
+        assert mh.scrape().value(SET_ASIDE) == 1  # counted once, not at every scrape
+
+
+def test_record_set_aside_counts_each_record_once(tmp_path: Path) -> None:
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, DRIVER)
+    total = "luks_ephemeral_journal_records_set_aside_total"
+    assert registry.get_sample_value(total) == 0
+    journal = Journal(str(tmp_path), on_set_aside=metrics.record_set_aside)
+    for volume_id in ("vol-1", "vol-2"):
+        (tmp_path / "volumes" / f"{volume_digest(volume_id)}.json").write_bytes(b"\xff")
+    assert journal.all() == []
+    assert journal.all() == []
+    assert registry.get_sample_value(total) == 2
+    metrics.record_set_aside("/some/other/path")
+    assert registry.get_sample_value(total) == 3
+    samples = [sample for family in registry.collect() for sample in family.samples]
+    assert [sample.labels for sample in samples if sample.name == total] == [{}]  # no path label
 
 
 def test_provisioned_volumes_are_counted_reserved_and_by_mode() -> None:
