@@ -36,11 +36,20 @@ class Capability:
     read_only: bool = False  # the access mode allows reading only
 
 
+def mode_name(mode: int) -> str:
+    """The access mode's name, or its number: proto3 keeps enum values it does not know, and
+    ``Mode.Name`` raises on them (which would end the RPC as INTERNAL)."""
+    try:
+        return str(Mode.Name(mode))
+    except ValueError:
+        return str(mode)
+
+
 def check_access_mode(capability: pb.VolumeCapability) -> None:
     mode = capability.access_mode.mode
     if mode not in SINGLE_NODE_MODES:
         raise InvalidArgument(
-            f"access mode {Mode.Name(mode)} is not supported: volumes are local to one node "
+            f"access mode {mode_name(mode)} is not supported: volumes are local to one node "
             "(use a SINGLE_NODE_* mode)"
         )
 

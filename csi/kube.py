@@ -28,6 +28,9 @@ OFF_MESSAGE = "cluster integration off: no API access (orphan reaper and pod eve
 LIST_TIMEOUT = (5.0, 15.0)  # connect, read (seconds)
 EVENT_TIMEOUT = (3.0, 5.0)  # short: events are posted while a refused RPC waits for its answer
 MAX_MESSAGE = 1024  # what `kubectl describe` shows comfortably; events.k8s.io caps notes at 1 kB
+# A static pod's uid (what kubelet passes us as csi.storage.k8s.io/pod.uid) is its config hash;
+# its mirror pod in the API server has a uid of its own and carries the hash in these.
+STATIC_POD_ANNOTATIONS = ("kubernetes.io/config.hash", "kubernetes.io/config.mirror")
 
 
 class KubeError(Exception):
@@ -87,7 +90,7 @@ class KubeApi:
         self.api_client.close()  # type: ignore[no-untyped-call]
 
     def pods_on_node(self, node: str) -> set[str]:
-        """The uids of every pod the API server places on ``node`` (any phase)."""
+        """Every id a live pod on ``node`` (any phase) goes by: uids, and static pods' hashes."""
         # resourceVersion=0 lets the API server answer from its watch cache (indexed by node)
         # instead of reading every pod of the cluster from etcd each round on every node; a few
         # seconds of staleness are harmless next to the reaper's grace period.
@@ -100,9 +103,11 @@ class KubeApi:
         )  # fmt: skip
         try:
             items = data["items"] or []
-            return {str(item["metadata"]["uid"]) for item in items}
-        except (KeyError, TypeError) as exc:
+            return {alive for item in items for alive in alive_ids(item["metadata"])}
+        except KeyError as exc:
             raise KubeError(f"list pods: unexpected response: missing {exc}") from None
+        except (TypeError, AttributeError) as exc:  # e.g. annotations that are not a map
+            raise KubeError(f"list pods: unexpected response: {exc}") from None
 
     def event(
         self,
@@ -160,6 +165,14 @@ class KubeApi:
             return json.loads(raw or b"{}")
         except ValueError:
             raise KubeError(f"{what}: the API server's answer is not JSON") from None
+
+
+def alive_ids(metadata: dict[str, Any]) -> set[str]:
+    """The pod's uid and, for a mirror pod, the uid kubelet gives its static pod: without the
+    latter, every inline volume of a static pod would look orphaned and be reaped."""
+    annotations = metadata.get("annotations") or {}
+    hashes = {str(annotations[k]) for k in STATIC_POD_ANNOTATIONS if annotations.get(k)}
+    return {str(metadata["uid"]), *hashes}
 
 
 class PodEvents:

@@ -1,7 +1,9 @@
 """Volume parameters: parse and validate what the CO sends (inline attributes or SC parameters).
 
 Everything here is pure: a request's raw maps go in, a frozen VolumeSpec or an InvalidArgument
-naming the offending key comes out.
+naming the offending key comes out. Every value is from the CO and untrusted: its length is
+bounded before anything parses it, and a message quotes at most a short prefix of it (the message
+is also the log line and the pod's event).
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ _SUFFIXES: dict[str, int] = {
     "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
 }  # fmt: skip
 _QUANTITY = re.compile(r"^\+?(\d+(?:\.\d+)?|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+# Longer than any sane size (``1000000000000000000Ei`` is 21): keeps the exact arithmetic on at
+# most ~30 digits, where a million digits would hold the GIL for half a minute.
+MAX_QUANTITY_LENGTH = 32
+MAX_KEY_LENGTH = 128  # the CSI spec's limit for a string
+MAX_VALUE_LENGTH = 253  # the longest Kubernetes name (pod, service account), which kubelet passes
+QUOTE_LENGTH = 32  # how much of a bad value a message repeats
+MAX_MOUNT_FLAGS = 32  # entries of mount_flags
+MAX_MOUNT_FLAGS_LENGTH = 1024  # their characters in all
 
 CO_PREFIX = "csi.storage.k8s.io/"
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -53,15 +63,41 @@ _SAFE_FLAGS = frozenset(
         "sync", "dirsync", "discard", "nodiscard", "ro", "rw", "nosuid", "nodev",
     }
 )  # fmt: skip
-_SAFE_VALUED = re.compile(r"^(commit|data|barrier|inode64|logbsize|allocsize)=[A-Za-z0-9]+$")
+_SAFE_VALUED = re.compile(r"^(commit|data|barrier|inode64|logbsize|allocsize)=[A-Za-z0-9]{1,32}$")
+
+
+def quoted(value: str, limit: int = QUOTE_LENGTH) -> str:
+    """``repr`` of at most ``limit`` characters of ``value``, then ``...`` and its length if cut.
+
+    For every message that repeats what the CO sent: a 10k-character value must not end whole in
+    the status, the log line and the pod's event. Escapes (``\\x00``) can make a repr ten times
+    longer than its text, so the prefix shrinks until the repr fits too.
+    """
+    prefix = value[:limit]
+    text = repr(prefix)
+    while len(text) > 2 * limit + 2:
+        prefix = prefix[:-1]
+        text = repr(prefix)
+    if len(prefix) == len(value):
+        return text
+    return f"{text}... ({len(value)} characters)"
 
 
 def parse_quantity(text: str) -> int:
-    """A Kubernetes quantity as whole bytes, rounded up; e.g. ``512Mi``, ``10Gi``, ``1G``."""
+    """A Kubernetes quantity as whole bytes, rounded up; e.g. ``512Mi``, ``10Gi``, ``1G``.
+
+    The length is checked first: the grammar then allows at most ~30 digits, so the exact
+    decimal arithmetic below is instant whatever the CO sent.
+    """
+    if len(text) > MAX_QUANTITY_LENGTH:
+        raise InvalidArgument(
+            f"{quoted(text)} is not a size: a Kubernetes quantity such as 512Mi, 10Gi or 1G has "
+            f"at most {MAX_QUANTITY_LENGTH} characters"
+        )
     match = _QUANTITY.match(text.strip())
     if not match:
         raise InvalidArgument(
-            f"{text!r} is not a size; use a Kubernetes quantity such as 512Mi, 10Gi or 1G"
+            f"{quoted(text)} is not a size; use a Kubernetes quantity such as 512Mi, 10Gi or 1G"
         )
     number, suffix = match.group(1), match.group(2) or ""
     with localcontext() as exact:
@@ -69,7 +105,7 @@ def parse_quantity(text: str) -> int:
         try:
             value = Decimal(number) * _SUFFIXES[suffix]
         except InvalidOperation:  # pragma: no cover - regex already guards this
-            raise InvalidArgument(f"{text!r} is not a size") from None
+            raise InvalidArgument(f"{quoted(text)} is not a size") from None
         return int(value.to_integral_value(rounding=ROUND_CEILING))
 
 
@@ -122,45 +158,75 @@ class VolumeSpec:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> VolumeSpec:
-        data = dict(data)
+        """The inverse of ``to_json``. Fields this version does not know (a newer driver's) are
+        ignored and missing optional ones take their defaults; the journal checks types first."""
+        data = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         data["mount_flags"] = tuple(data.get("mount_flags", ()))
         return cls(**data)
 
 
+def check_lengths(attributes: dict[str, str]) -> None:
+    """Refuse an over-long key or value before anything parses, stores or logs it."""
+    for key, value in attributes.items():
+        if len(key) > MAX_KEY_LENGTH:
+            raise InvalidArgument(
+                f"volume parameter {quoted(key)} is too long: a key has at most "
+                f"{MAX_KEY_LENGTH} characters"
+            )
+        if len(value) > MAX_VALUE_LENGTH:
+            raise InvalidArgument(
+                f"parameter {quoted(key)}={quoted(value)} is too long: a value has at most "
+                f"{MAX_VALUE_LENGTH} characters"
+            )
+
+
 def parse_attributes(attributes: dict[str, str], *, min_size: int, max_size: int) -> dict[str, Any]:
     """Validate volume attributes / SC parameters; return the typed fields of a VolumeSpec."""
-    unknown = sorted(k for k in attributes if k not in DEFAULTS and not k.startswith(CO_PREFIX))
-    if unknown:
-        raise InvalidArgument(
-            f"unknown volume parameter {unknown[0]!r}; supported: {', '.join(sorted(DEFAULTS))}"
-        )
+    check_lengths(attributes)
+    check_keys(attributes)
     values = {**DEFAULTS, **{k: v for k, v in attributes.items() if k in DEFAULTS}}
     for key, allowed in CHOICES.items():
         if values[key] not in allowed:
             raise InvalidArgument(
-                f"parameter {key}={values[key]!r} is not supported; use one of {', '.join(allowed)}"
+                f"parameter {key}={quoted(values[key])} is not supported; use one of "
+                f"{', '.join(allowed)}"
             )
-    try:
-        size = parse_quantity(values["size"])
-    except InvalidArgument as exc:
-        raise InvalidArgument(f"parameter size: {exc}") from None
-    size = round_up(size)
-    if size < min_size:
-        raise InvalidArgument(
-            f"parameter size={values['size']} is below this node's minimum {format_bytes(min_size)}"
-        )
-    if size > max_size:
-        raise InvalidArgument(
-            f"parameter size={values['size']} is above this node's maximum {format_bytes(max_size)}"
-        )
     return {
-        "size": size,
+        "size": parse_size(values["size"], min_size=min_size, max_size=max_size),
         "backing": values["backing"],
         "preallocate": values["preallocate"] == "true",
         "integrity": values["integrity"],
         "header": values["header"],
         "cipher": values["cipher"],
     }
+
+
+def check_keys(attributes: dict[str, str]) -> None:
+    """Our keys and the CO's ``csi.storage.k8s.io/*`` ones only: a typo must not pass unseen."""
+    unknown = sorted(k for k in attributes if k not in DEFAULTS and not k.startswith(CO_PREFIX))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown volume parameter {quoted(unknown[0])}; supported: "
+            f"{', '.join(sorted(DEFAULTS))}"
+        )
+
+
+def parse_size(text: str, *, min_size: int, max_size: int) -> int:
+    """The ``size`` parameter in whole MiB, within the node's limits."""
+    try:
+        size = round_up(parse_quantity(text))
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"parameter size: {exc}") from None
+    # from here on ``text`` is a well-formed quantity of at most MAX_QUANTITY_LENGTH characters
+    if size < min_size:
+        raise InvalidArgument(
+            f"parameter size={text} is below this node's minimum {format_bytes(min_size)}"
+        )
+    if size > max_size:
+        raise InvalidArgument(
+            f"parameter size={text} is above this node's maximum {format_bytes(max_size)}"
+        )
+    return size
 
 
 def _floor(n: int, align: int = ALIGN) -> int:
@@ -219,13 +285,26 @@ def volume_context(spec: VolumeSpec) -> dict[str, str]:
 def validate_fs_type(fs_type: str) -> str:
     fs = fs_type or DEFAULT_FS
     if fs not in FS_TYPES:
-        raise InvalidArgument(f"fs type {fs!r} is not supported; use one of {', '.join(FS_TYPES)}")
+        raise InvalidArgument(
+            f"fs type {quoted(fs)} is not supported; use one of {', '.join(FS_TYPES)}"
+        )
     return fs
+
+
+def check_mount_flag_lengths(flags: list[str]) -> None:
+    """Bound the flags before splitting them: a 4 MiB request of flags must not cost seconds."""
+    total = sum(len(entry) for entry in flags)
+    if len(flags) > MAX_MOUNT_FLAGS or total > MAX_MOUNT_FLAGS_LENGTH:
+        raise InvalidArgument(
+            f"mount_flags: {len(flags)} entries of {total} characters are too many: at most "
+            f"{MAX_MOUNT_FLAGS} entries of {MAX_MOUNT_FLAGS_LENGTH} characters in all"
+        )
 
 
 def validate_mount_flags(flags: list[str]) -> tuple[str, ...]:
     """Split comma-joined flags, refuse unknown or privilege-raising ones, keep order, dedupe."""
-    result: list[str] = []
+    check_mount_flag_lengths(flags)
+    result: dict[str, None] = {}
     for entry in flags:
         for flag in entry.split(","):
             flag = flag.strip()
@@ -233,17 +312,17 @@ def validate_mount_flags(flags: list[str]) -> tuple[str, ...]:
                 continue
             if flag not in _SAFE_FLAGS and not _SAFE_VALUED.match(flag):
                 raise InvalidArgument(
-                    f"mount flag {flag!r} is not allowed; allowed: {', '.join(sorted(_SAFE_FLAGS))}"
+                    f"mount flag {quoted(flag)} is not allowed; allowed: "
+                    f"{', '.join(sorted(_SAFE_FLAGS))}"
                 )
-            if flag not in result:
-                result.append(flag)
+            result[flag] = None
     return tuple(result)
 
 
 def validate_mount_group(group: str) -> str:
     if group and not (re.fullmatch(r"[0-9]{1,10}", group) and int(group) < 2**32 - 1):
         raise InvalidArgument(
-            f"volume_mount_group {group[:40]!r} must be a numeric group id below 4294967295"
+            f"volume_mount_group {quoted(group)} must be a numeric group id below 4294967295"
         )
     return group
 

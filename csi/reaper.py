@@ -5,6 +5,9 @@ force-deleted while the node was down, kubelet lost its state, a crash between t
 volume would keep its key in the kernel and its blocks on disk forever. The reaper compares the
 journal with the API server's view of this node, and unpublishes what has been orphaned for
 longer than a grace period. It never acts on an API failure: no answer means no reaping.
+
+A static pod runs under its config hash (the uid kubelet passes us), while the API server only
+knows its mirror pod, under another uid: the lister answers both, so such volumes stay.
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ REASON = "pod_gone"
 
 
 class PodLister(Protocol):
-    def pods_on_node(self, node: str) -> set[str]: ...
+    def pods_on_node(self, node: str) -> set[str]:
+        """Every id a live pod on ``node`` goes by: its uid, and a mirror pod's config hash."""
+        ...
 
 
 class OrphanReaper:
@@ -56,12 +61,12 @@ class OrphanReaper:
 
     def _run(self) -> list[str]:
         try:
-            pods = self.api.pods_on_node(self.node_id)
+            alive = self.api.pods_on_node(self.node_id)
         except Exception as exc:
             log.warning("orphan reaper: cannot list pods on %s, skipping this round: %s",
                         self.node_id, exc)  # fmt: skip
             return []
-        if not pods:
+        if not alive:
             # this driver's own pod runs on the node, so an empty list means a wrong --node-id
             # (not the Kubernetes node name) or a confused API server: reaping would destroy
             # every volume on the node
@@ -81,7 +86,7 @@ class OrphanReaper:
         for info in volumes:
             record = info.record
             uid = record.pod.get("uid", "")
-            if record.state != PUBLISHED or not uid or uid in pods:
+            if record.state != PUBLISHED or not uid or uid in alive:
                 continue  # an in-flight publish, a volume we cannot attribute, or a live pod
             since = self.missing.get(record.volume_id, now)
             if now - since <= self.grace or self._stop.is_set():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -9,12 +10,17 @@ import pytest
 from csi.errors import InvalidArgument
 from csi.params import (
     ATTACHED_HEADER_BYTES,
+    MAX_KEY_LENGTH,
+    MAX_MOUNT_FLAGS,
+    MAX_QUANTITY_LENGTH,
+    MAX_VALUE_LENGTH,
     MiB,
     VolumeSpec,
     check_combination,
     format_bytes,
     parse_attributes,
     parse_quantity,
+    quoted,
     validate_fs_type,
     validate_mount_flags,
     validate_mount_group,
@@ -82,12 +88,77 @@ def test_parse_quantity_rejects(text: str) -> None:
 def test_parse_quantity_huge_value_is_a_number_not_an_error() -> None:
     # the bound check belongs to the caller: here we only need an exact, huge int
     assert parse_quantity("1000000Ei") == 10**6 * 2**60
-    assert parse_quantity("9" * 40) > 10**39
+    assert parse_quantity("9" * MAX_QUANTITY_LENGTH) > 10**31
+    assert parse_quantity("9" * (MAX_QUANTITY_LENGTH - 2) + "Ei") > 10**47
 
 
 def test_parse_quantity_is_exact_beyond_28_digits() -> None:
     assert parse_quantity("12345678901234567890123456781") == 12345678901234567890123456781
-    assert parse_quantity("1.00000000000000000000000000001Ki") == 1025
+    assert parse_quantity("1." + "0" * 27 + "1Ki") == 1025
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["9" * 10**6, "9" * (10**6 + 1) + "Gi", "9" * 400 + "Gi", "1" + "0" * MAX_QUANTITY_LENGTH,
+     " " * 40 + "1Gi", "0." + "0" * 100 + "1Ki"],
+    ids=["million-digits", "million-digits-Gi", "400-digits-Gi", "33-digits", "padded", "fraction"],
+)  # fmt: skip
+def test_parse_quantity_refuses_long_text_before_parsing(text: str) -> None:
+    """A million digits took ~30 s (or ended in decimal.Overflow) while holding the GIL."""
+    with pytest.raises(InvalidArgument) as err:
+        parse_quantity(text)
+    message = str(err.value)
+    assert "is not a size" in message and f"at most {MAX_QUANTITY_LENGTH} characters" in message
+    assert len(message) < 200, message
+
+
+# --- quoting user input in messages -------------------------------------------------------
+
+
+def test_quoted_keeps_short_values_whole() -> None:
+    assert quoted("btrfs") == "'btrfs'"
+    assert quoted("x" * 32) == repr("x" * 32)
+
+
+def test_quoted_cuts_long_values_to_a_prefix() -> None:
+    text = quoted("ab" * 5000)
+    assert text == repr("ab" * 16) + "... (10000 characters)"
+
+
+def test_quoted_bounds_escaped_characters_too() -> None:
+    text = quoted("\0" * 10000)  # repr shows each as four characters
+    assert len(text) < 100, text
+    assert text.startswith("'\\x00") and text.endswith("... (10000 characters)")
+    assert quoted("\U000e0001" * 3) == repr("\U000e0001" * 3)
+
+
+LONG = "A" * 10000  # 10k characters of CO input
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: parse_quantity(LONG),
+        lambda: parse_attributes({"size": LONG}, **BOUNDS),
+        lambda: parse_attributes({"backing": LONG}, **BOUNDS),
+        lambda: parse_attributes({"csi.storage.k8s.io/pod.name": LONG}, **BOUNDS),
+        lambda: parse_attributes({LONG: "1"}, **BOUNDS),
+        lambda: parse_attributes({"x" * MAX_KEY_LENGTH: "1"}, **BOUNDS),
+        lambda: parse_attributes({"cipher": "A" * MAX_VALUE_LENGTH}, **BOUNDS),
+        lambda: validate_fs_type(LONG),
+        lambda: validate_mount_flags([LONG[:1000]]),
+        lambda: validate_mount_flags([LONG]),
+        lambda: validate_mount_group(LONG),
+    ],
+    ids=["quantity", "size", "choice", "co-key", "long-key", "unknown-key", "choice-at-bound",
+         "fs-type", "mount-flag", "mount-flags", "mount-group"],
+)  # fmt: skip
+def test_messages_quote_only_a_short_prefix_of_a_bad_value(call: Callable[[], object]) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        call()
+    message = str(err.value)
+    assert len(message) < 300, message
+    assert "A" * 40 not in message and "x" * 40 not in message
 
 
 # --- parse_attributes ---------------------------------------------------------------------
@@ -159,6 +230,24 @@ def test_parse_attributes_bad_choice_names_key_and_choices(key: str, value: str)
     assert "use one of" in message
 
 
+def test_parse_attributes_bounds_key_and_value_lengths() -> None:
+    name = "p" * MAX_VALUE_LENGTH  # the longest pod name kubelet can pass is fine
+    fields = parse_attributes({"csi.storage.k8s.io/pod.name": name, "size": "64Mi"}, **BOUNDS)
+    assert fields["size"] == 64 * MiB
+    with pytest.raises(InvalidArgument, match=f"a value has at most {MAX_VALUE_LENGTH} char"):
+        parse_attributes({"csi.storage.k8s.io/pod.name": name + "p"}, **BOUNDS)
+    key = "csi.storage.k8s.io/" + "k" * (MAX_KEY_LENGTH - 18)
+    with pytest.raises(InvalidArgument, match=f"a key has at most {MAX_KEY_LENGTH} char"):
+        parse_attributes({key: "1"}, **BOUNDS)
+
+
+def test_parse_attributes_refuses_a_million_digit_size_by_its_length() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        parse_attributes({"size": "9" * 10**6}, **BOUNDS)
+    assert "parameter 'size'='99999" in str(err.value)
+    assert "(1000000 characters) is too long" in str(err.value)
+
+
 def test_parse_attributes_rounds_size_up_to_whole_mib() -> None:
     assert parse_attributes({"size": "1G"}, **BOUNDS)["size"] == 954 * MiB  # 953.67Mi
     assert parse_attributes({"size": "16777217"}, **BOUNDS)["size"] == 17 * MiB
@@ -209,6 +298,17 @@ def test_validate_mount_flags_refuses(flag: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         validate_mount_flags(["noatime", flag])
     assert f"mount flag {flag!r} is not allowed" in str(err.value)
+
+
+def test_validate_mount_flags_bounds_count_and_length() -> None:
+    assert validate_mount_flags(["noatime"] * MAX_MOUNT_FLAGS) == ("noatime",)
+    with pytest.raises(InvalidArgument, match=f"at most {MAX_MOUNT_FLAGS} entries"):
+        validate_mount_flags(["noatime"] * (MAX_MOUNT_FLAGS + 1))
+    many = ",".join(f"commit={n}" for n in range(200_000))  # distinct, each allowed
+    with pytest.raises(InvalidArgument, match="1024 characters in all"):
+        validate_mount_flags([many])
+    with pytest.raises(InvalidArgument, match="is not allowed"):
+        validate_mount_flags(["commit=" + "1" * 33])
 
 
 def test_validate_mount_group() -> None:

@@ -183,6 +183,66 @@ def test_a_pod_on_another_node_does_not_save_the_volume(
     assert reaper.run_once() == [mh.volume_id("uid-elsewhere")]
 
 
+STATIC_HASH = "6f1a0c3e9b2d4e5f8a7b6c5d4e3f2a1b"  # what kubelet passes as the static pod's uid
+MIRROR_ANNOTATIONS = ("kubernetes.io/config.hash", "kubernetes.io/config.mirror")
+
+
+def add_mirror_pod(
+    server: FakeApiServer, static_uid: str, annotations: tuple[str, ...] = MIRROR_ANNOTATIONS
+) -> None:
+    """A static pod as the API server shows it: a mirror pod under a uid of its own, with the
+    static pod's config hash in its annotations, as kubelet creates it."""
+    server.add_pod(NODE, "uid-of-the-mirror-pod", name=f"etcd-{NODE}", namespace="kube-system")
+    metadata = server.pods[NODE][-1]["metadata"]
+    metadata["annotations"] = {key: static_uid for key in annotations}
+    metadata["annotations"]["kubernetes.io/config.source"] = "file"
+
+
+@pytest.mark.parametrize(
+    "annotations", [MIRROR_ANNOTATIONS, MIRROR_ANNOTATIONS[:1], MIRROR_ANNOTATIONS[1:]]
+)
+def test_a_static_pods_volume_is_never_reaped(
+    mh: MetricsHarness,
+    api_server: FakeApiServer,
+    reaper: OrphanReaper,
+    clock: Clock,
+    annotations: tuple[str, ...],
+) -> None:
+    add_mirror_pod(api_server, STATIC_HASH, annotations)
+    mh.publish(STATIC_HASH, attributes={"size": "64Mi"})
+    mh.publish("uid-gone", attributes={"size": "64Mi"})
+    assert reaper.run_once() == []
+    assert set(reaper.missing) == {mh.volume_id("uid-gone")}  # the static pod's is not marked
+    clock.now += GRACE + 1
+    assert reaper.run_once() == [mh.volume_id("uid-gone")]  # a pod really gone still goes
+    for _ in range(3):
+        clock.now += GRACE * 10
+        assert reaper.run_once() == []
+    assert mh.volumes.journal.load(mh.volume_id(STATIC_HASH)) is not None
+    assert pod_gone(mh) == 1
+    api_server.remove_pod("uid-of-the-mirror-pod")  # its manifest was taken off the node
+    assert reaper.run_once() == []
+    clock.now += GRACE + 1
+    assert reaper.run_once() == [mh.volume_id(STATIC_HASH)]
+
+
+def test_lists_uids_and_static_pods_config_hashes(api_server: FakeApiServer, api: KubeApi) -> None:
+    add_mirror_pod(api_server, STATIC_HASH)
+    assert api.pods_on_node(NODE) == {DRIVER_POD, "uid-of-the-mirror-pod", STATIC_HASH}
+
+
+def test_never_reaps_when_a_pods_annotations_are_malformed(
+    mh: MetricsHarness, api_server: FakeApiServer, reaper: OrphanReaper, clock: Clock
+) -> None:
+    api_server.add_pod(NODE, "uid-odd")
+    api_server.pods[NODE][-1]["metadata"]["annotations"] = ["not", "a", "map"]
+    mh.publish("uid-b", attributes={"size": "64Mi"})
+    for _ in range(3):
+        assert reaper.run_once() == []
+        clock.now += GRACE * 10
+    assert mh.volumes.journal.load(mh.volume_id("uid-b")) is not None
+
+
 def test_a_busy_volume_is_retried_next_round(
     mh: MetricsHarness, reaper: OrphanReaper, clock: Clock
 ) -> None:
