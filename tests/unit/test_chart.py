@@ -219,13 +219,20 @@ def test_the_schema_check_really_rejects_a_broken_object(default_objects: list[O
 
 def test_rendered_kinds(default_objects: list[Obj], full_objects: list[Obj]) -> None:
     base = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "CSIDriver",
-            "Service"}  # fmt: skip
+            "Service", "NetworkPolicy"}  # fmt: skip
     assert kinds(default_objects) == base
     assert kinds(full_objects) == base | {
         "Role", "RoleBinding", "StorageClass", "ServiceMonitor", "PrometheusRule", "ConfigMap",
         "Deployment",
     }  # fmt: skip
-    workloads = ("ServiceAccount", "DaemonSet", "Deployment", "Role", "RoleBinding")
+    workloads = (
+        "ServiceAccount",
+        "DaemonSet",
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "NetworkPolicy",
+    )
     namespaced = [o for o in full_objects if o["kind"] in workloads]
     assert all(o["metadata"]["namespace"] == NAMESPACE for o in namespaced)
 
@@ -245,6 +252,14 @@ def test_rendered_kinds(default_objects: list[Obj], full_objects: list[Obj]) -> 
         ("qcow2.enabled=yes", "/qcow2/enabled"),
         ("resizer.enabled=1", "/resizer/enabled"),
         ("sidecars.resizer.timeout=soon", "/sidecars/resizer/timeout"),
+        # one driver per node state: a surged second node pod would share the state dir
+        ("node.updateStrategy.rollingUpdate.maxSurge=1", "/node/updateStrategy/rollingUpdate"),
+        ("node.updateStrategy.rollingUpdate.maxSurge=10%", "/node/updateStrategy/rollingUpdate"),
+        (
+            "node.updateStrategy.rollingUpdate.maxUnavailable=0",
+            "/node/updateStrategy/rollingUpdate/maxUnavailable",
+        ),  # with maxSurge 0: no progress
+        ("sidecars.provisioner.image.digest=latest", "/sidecars/provisioner/image/digest"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm: Path, setting: str, message: str) -> None:
@@ -387,6 +402,18 @@ def test_sidecar_images_are_pinned(objects: list[Obj]) -> None:
             assert re.search(r":v\d+\.\d+\.\d+$", image), f"{name}: {image} is not a pinned tag"
 
 
+def test_images_can_be_pinned_by_digest(helm: Path) -> None:
+    digest = "sha256:" + "ab" * 32
+    sidecars = ("nodeDriverRegistrar", "livenessProbe", "provisioner", "resizer")
+    objects = render(helm, "controller.enabled=true", f"image.digest={digest}",
+                     *[f"sidecars.{s}.image.digest={digest}" for s in sidecars])  # fmt: skip
+    pods = [containers(objects), controller_containers(objects)]
+    images = [c["image"] for pod in pods for c in pod.values()]
+    assert len(images) == 8
+    for image in images:
+        assert image.endswith(f"@{digest}") and ":v" not in image, image
+
+
 def app_version() -> str:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert chart["apiVersion"] == "v2"
@@ -416,13 +443,9 @@ def test_provisioner_only_with_controller_enabled(
                    "POD_NAME": "metadata.name"}  # fmt: skip
 
 
-def test_node_rbac_is_least_privilege(objects: list[Obj]) -> None:
+def test_node_rbac_is_bound_to_the_node_account(objects: list[Obj]) -> None:
+    """The rules themselves: test_chart_security.py, one test per API call of the driver."""
     fullname = f"{RELEASE}-node"
-    role = find(objects, "ClusterRole", fullname)
-    assert rules(role) == {
-        ("", "pods"): {"get", "list", "watch"},
-        ("", "events"): {"create", "patch"},
-    }
     account = find(objects, "ServiceAccount", NODE_ACCOUNT)["metadata"]["name"]
     assert pod_spec(objects)["serviceAccountName"] == account
     binding = find(objects, "ClusterRoleBinding", fullname)
@@ -467,7 +490,7 @@ QSD_ARGV = [
 def qsd_split(command: list[str]) -> tuple[str, list[str]]:
     """``sh -c SCRIPT DIR ARGV...`` -> (DIR, ARGV): the directory made, the program exec'd."""
     assert command[:2] == ["sh", "-c"], command
-    assert command[2] == 'mkdir -p -m 0700 "$0" && exec "$@"', command[2]
+    assert command[2] == 'mkdir -p "$0" && chmod 0700 "$0" && exec "$@"', command[2]
     return command[3], command[4:]
 
 
@@ -488,19 +511,24 @@ def test_qsd_has_no_probe_that_could_restart_it(objects: list[Obj]) -> None:
     assert "lifecycle" not in qsd
 
 
-def test_qsd_sees_state_and_data_dirs_at_the_drivers_paths(objects: list[Obj]) -> None:
+def test_qsd_sees_its_socket_dir_and_the_data_dir_at_the_drivers_paths(
+    objects: list[Obj],
+) -> None:
+    """Only the qsd/ subdirectory of the state dir (see test_chart_security.py for what it must
+    not see), at the path the driver sees it under."""
     driver, qsd = containers(objects)["driver"], containers(objects)["qsd"]
-    assert mounts(qsd) == {"state-dir": STATE_DIR, "data-dir": DATA_DIR}
-    for name, path in mounts(qsd).items():
-        assert mounts(driver)[name] == path, name
+    assert mounts(qsd) == {"state-dir": f"{STATE_DIR}/qsd", "data-dir": DATA_DIR}
+    (state,) = [m for m in qsd["volumeMounts"] if m["name"] == "state-dir"]
+    assert state["subPath"] == "qsd"
+    assert mounts(driver)["state-dir"] + "/" + state["subPath"] == state["mountPath"]
+    assert mounts(driver)["data-dir"] == DATA_DIR
     assert not [m for m in qsd["volumeMounts"] if m.get("readOnly") or m.get("mountPropagation")]
     # the driver talks to the socket qsd creates, and finds the NBD socket beside it
     config = driver_config(objects)
     directory, argv = qsd_split(qsd["command"])
-    assert os.path.dirname(config.qsd_socket) == directory
+    assert os.path.dirname(config.qsd_socket) == directory == state["mountPath"]
     assert f"path={config.qsd_socket}," in argv[argv.index("--chardev") + 1]
     assert Qcow2Nbd(config.qsd_socket, f"{STATE_DIR}/nbd").nbd_socket == f"{directory}/nbd.sock"
-    assert directory.startswith(mounts(qsd)["state-dir"] + "/")
 
 
 def test_qsd_runs_without_privilege(objects: list[Obj]) -> None:
@@ -522,6 +550,7 @@ def test_qsd_command_makes_its_directory_and_execs_the_daemon(helm: Path, tmp_pa
     state = tmp_path / "state;$(touch${IFS}pwned)*'\"x"
     state.mkdir()
     objects = render(helm, f"node.stateDir={state}")
+    (state / "qsd").mkdir(mode=0o755)  # kubelet makes a subPath with its volume's mode
     command = containers(objects)["qsd"]["command"]
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -566,13 +595,28 @@ def test_update_strategy_defaults_to_rolling_and_offers_on_delete(
     default_objects: list[Obj], helm: Path
 ) -> None:
     strategy = find(default_objects, "DaemonSet")["spec"]["updateStrategy"]
-    assert strategy == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 1}}
+    assert strategy == {"type": "RollingUpdate",
+                        "rollingUpdate": {"maxUnavailable": 1, "maxSurge": 0}}  # fmt: skip
     objects = render(helm, "node.updateStrategy.type=OnDelete")
     # rollingUpdate (still in the merged values) must go: the API refuses it with OnDelete
     assert find(objects, "DaemonSet")["spec"]["updateStrategy"] == {"type": "OnDelete"}
     objects = render(helm, "node.updateStrategy.rollingUpdate.maxUnavailable=10%")
     assert find(objects, "DaemonSet")["spec"]["updateStrategy"] == {
-        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}
+        "type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%", "maxSurge": 0}
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("surge", ["0", "0%"])
+def test_node_pods_never_surge(helm: Path, surge: str) -> None:
+    """Two node pods on one node would run two drivers on one state dir (journal, claims, qsd's
+    sockets): a new pod starts only after the old one is gone. An explicit 0 is accepted."""
+    objects = render(helm, f"node.updateStrategy.rollingUpdate.maxSurge={surge}")
+    assert find(objects, "DaemonSet")["spec"]["updateStrategy"]["rollingUpdate"] == {
+        "maxUnavailable": 1, "maxSurge": 0
+    }  # fmt: skip
+    objects = render(helm, "node.updateStrategy.rollingUpdate=null")
+    assert find(objects, "DaemonSet")["spec"]["updateStrategy"]["rollingUpdate"] == {
+        "maxUnavailable": 1, "maxSurge": 0
     }  # fmt: skip
 
 
@@ -637,8 +681,11 @@ def test_resizer_sidecar(full_objects: list[Obj]) -> None:
     assert resizer["ports"] == [{"name": "http", "containerPort": port, "protocol": "TCP"}]
     assert resizer["livenessProbe"]["httpGet"] == {"path": "/healthz/leader-election",
                                                    "port": "http"}  # fmt: skip
-    # both containers share the socket through the same emptyDir
-    assert mounts(resizer) == {"socket-dir": "/csi"}
+    # both containers share the socket through the same emptyDir; the API token is its alone
+    assert mounts(resizer) == {
+        "socket-dir": "/csi",
+        "kube-api-access": "/var/run/secrets/kubernetes.io/serviceaccount",
+    }
     assert mounts(pod["driver"])["socket-dir"] == "/csi"
 
 
@@ -699,8 +746,8 @@ def test_resizer_enabled_toggles_deployment_rbac_and_expansion(
                        (CONTROLLER, f"{RELEASE}-resizer")]  # fmt: skip
     if expansion:
         assert sorted(o["kind"] for o in resizer_objects) == [
-            "ClusterRole", "ClusterRoleBinding", "Deployment", "Role", "RoleBinding",
-            "ServiceAccount",
+            "ClusterRole", "ClusterRoleBinding", "Deployment", "NetworkPolicy", "Role",
+            "RoleBinding", "ServiceAccount",
         ]  # fmt: skip
     else:
         assert resizer_objects == []

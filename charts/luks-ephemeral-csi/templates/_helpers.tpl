@@ -60,9 +60,13 @@ app.kubernetes.io/part-of: luks-ephemeral-csi
 {{- end }}
 {{- end }}
 
-{{/* A sidecar image from its values block. */}}
+{{/* A sidecar image from its values block: repository@digest, else repository:tag. */}}
 {{- define "luks-ephemeral-csi.sidecarImage" -}}
+{{- if .digest }}
+{{- printf "%s@%s" .repository .digest }}
+{{- else }}
 {{- printf "%s:%s" .repository .tag }}
+{{- end }}
 {{- end }}
 
 {{/* The plugin directory kubelet reaches the driver's socket through. */}}
@@ -140,4 +144,38 @@ the socket in the volume named `socketVolume`. Shared by the node and the contro
   volumeMounts:
     - name: {{ .socketVolume }}
       mountPath: /csi
+{{- end }}
+
+{{/*
+The pods do not get the automatic ServiceAccount token (automountServiceAccountToken: false):
+only the containers that call the API server mount this volume, at the path of the automatic
+one, with the same three files (token, ca.crt, namespace), so in-cluster client configuration
+(the driver's kubernetes client, client-go in the sidecars) works unchanged. kubelet renews the
+token before it expires; both clients re-read it.
+*/}}
+{{- define "luks-ephemeral-csi.apiAccessVolume" -}}
+- name: kube-api-access
+  projected:
+    defaultMode: 420  # 0644 in decimal, as kubelet's own kube-api-access volume
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: 3600
+      - configMap:
+          name: kube-root-ca.crt
+          items:
+            - key: ca.crt
+              path: ca.crt
+      - downwardAPI:
+          items:
+            - path: namespace
+              fieldRef:
+                apiVersion: v1
+                fieldPath: metadata.namespace
+{{- end }}
+
+{{- define "luks-ephemeral-csi.apiAccessMount" -}}
+- name: kube-api-access
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
 {{- end }}
