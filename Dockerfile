@@ -23,6 +23,7 @@ LABEL org.opencontainers.image.title="luks-ephemeral-csi" \
       org.opencontainers.image.licenses="Apache-2.0"
 # The tools the driver runs on the node (see csi/host/linux.py and csi/host/nbd.py):
 #   cryptsetup-bin      cryptsetup (LUKS2 format/open/close)
+#   dmsetup             dmsetup (open counts of mappings; removes cryptsetup's temporary ones)
 #   mount               mount, umount, losetup
 #   util-linux          blkid, wipefs, fallocate: for an admin inspecting devices in the pod
 #   e2fsprogs           mkfs.ext4, resize2fs (online expansion)
@@ -41,6 +42,7 @@ LABEL org.opencontainers.image.title="luks-ephemeral-csi" \
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
         cryptsetup-bin \
+        dmsetup \
         e2fsprogs \
         kmod \
         mount \

@@ -41,7 +41,7 @@ from csi.params import (
     volume_context,
 )
 from csi.staged import check_expandable
-from csi.volumes import Volumes, node_of, provisioned_id
+from csi.volumes import Volumes, check_growable_id, node_of, provisioned_id, sibling_ids
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ class Provisioner:
             raise InvalidArgument("name is required")
         self._check_topology(request)
         spec = self._spec(request)
-        volume_id = provisioned_id(self.config.node_id, request.name)
+        volume_id = provisioned_id(self.config.node_id, request.name, spec)
+        self._check_no_sibling(volume_id, request.name)
         with self.core.locks.hold(volume_id):
             record = self.journal.load(volume_id)
             if record is not None:
@@ -122,6 +123,15 @@ class Provisioner:
             log.info("reserved %s for volume %s (%s)", format_bytes(spec.size), volume_id,
                      request.name)  # fmt: skip
             return self._provisioned(record)
+
+    def _check_no_sibling(self, volume_id: str, name: str) -> None:
+        """The same name with a shape of another growth class has another id: still the same
+        volume to the CO, so it is ALREADY_EXISTS, not a second volume."""
+        for other in sibling_ids(self.config.node_id, name):
+            if other != volume_id and self.journal.load(other) is not None:
+                raise AlreadyExists(
+                    f"volume {name} already exists as {other} with different parameters"
+                )
 
     def _check_topology(self, request: CreateRequest) -> None:
         """A requisite topology must include this node: each controller serves only its own.
@@ -223,6 +233,7 @@ class Provisioner:
         reservation until NodeExpandVolume grows its file, mapping and filesystem. A volume on
         another node is only checked: its node reserves the growth in NodeExpandVolume."""
         self.core.check_provisioned_id(volume_id)
+        check_growable_id(volume_id)  # csi-resizer must not record a size the node refuses
         if not required:
             raise InvalidArgument("capacity_range.required_bytes is required")
         config = self.config

@@ -160,13 +160,7 @@ class StagedVolumes:
                           record.volume_id)  # fmt: skip
 
     def _mount_staging(self, names: Names, record: Record) -> None:
-        spec = record.spec
-        self.host.make_dir(record.staging_path)
-        flags = [f for f in spec.mount_flags if f not in ("ro", "rw")]
-        self.host.mount(names.mapper_device, record.staging_path, spec.fs_type,
-                        ["rw", "nosuid", "nodev", *flags])  # fmt: skip
-        group = int(spec.mount_group) if spec.mount_group else None
-        self.host.set_volume_root(record.staging_path, group)
+        self.core.mount_staging(names, record)
 
     def _restage(self, record: Record, request: StageRequest) -> None:
         """Staged already: OK if compatible and healthy (remount a lost staging mount)."""
@@ -316,6 +310,7 @@ class StagedVolumes:
                     f"volume {volume_id} is staged at {record.staging_path}, not at {staging_path}"
                 )
             self._check_unused(record, names)
+            self.core.check_closable(names, ignore=staging_path)  # before anything is undone
             if record.spec.access_type == MOUNT:
                 with self.core.timed_step("unmount"):  # busy: nothing changed, kubelet retries
                     if self.host.mount_source(staging_path) == names.mapper_device:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from csi.config import Config
 from csi.errors import (
     AlreadyExists,
+    Busy,
     DriverError,
     FailedPrecondition,
     InvalidArgument,
@@ -34,6 +35,7 @@ from csi.journal import (
     PUBLISHED,
     RESERVED,
     STAGED,
+    UNSTAGING,
     Journal,
     Names,
     Record,
@@ -49,7 +51,17 @@ VOLUME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # volume. The node part is a Kubernetes node name (a DNS subdomain); no filesystem or dm name is
 # ever made from an id, only from its hash (see journal.Names), so the "/" cannot reach a path.
 NODE_NAME = r"[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*"
-PROVISIONED_ID = re.compile(rf"^(?P<node>{NODE_NAME})/(?P<hash>[0-9a-f]{{32}})$")
+# A volume that can never grow says why in its id (".qcow2", ".integrity"): ControllerExpandVolume
+# runs where no journal can tell, and must refuse up front what the node would refuse.
+FIXED_REASONS = {
+    "qcow2": "qcow2 volumes cannot grow: the kernel NBD client does not learn a new export size "
+    "while connected; use backing=loop for volumes that must grow",
+    "integrity": "volumes with integrity cannot grow: the dm-integrity layer under the mapping "
+    "keeps its size; create a new volume of the size you need",
+}
+PROVISIONED_ID = re.compile(
+    rf"^(?P<node>{NODE_NAME})/(?P<hash>[0-9a-f]{{32}})(?:\.(?P<fixed>qcow2|integrity))?$"
+)
 MAX_VOLUME_ID = 128  # bytes, the CSI spec's limit for a string field
 BACKING_FILE = re.compile(r"^([0-9a-f]{32})\.img$")
 HEADER_FILE = re.compile(r"^([0-9a-f]{32})\.hdr$")
@@ -137,16 +149,39 @@ def node_of(volume_id: str) -> str | None:
     return match.group("node") if match and len(volume_id) <= MAX_VOLUME_ID else None
 
 
-def provisioned_id(node: str, name: str) -> str:
-    """The id of the volume the CO calls ``name`` on ``node``: the same for the same name."""
+def fixed_reason(spec: VolumeSpec) -> str:
+    """Why a volume of this shape can never grow ("" when it can)."""
+    if spec.backing == "qcow2":
+        return "qcow2"
+    return "integrity" if spec.integrity != "none" else ""
+
+
+def provisioned_id(node: str, name: str, spec: VolumeSpec | None = None) -> str:
+    """The id of the volume the CO calls ``name`` on ``node``: the same for the same name and
+    shape; a shape that cannot grow adds its reason."""
     volume_id = f"{node}/{hashlib.sha256(name.encode()).hexdigest()[:32]}"
+    if spec is not None and (reason := fixed_reason(spec)):
+        volume_id += f".{reason}"
     if node_of(volume_id) != node:
         raise FailedPrecondition(
             f"this node's id {node[:100]!r} cannot be carried in a volume id: it must be a "
-            f"Kubernetes node name (lower-case DNS subdomain) of at most {MAX_VOLUME_ID - 33} "
+            f"Kubernetes node name (lower-case DNS subdomain) of at most {MAX_VOLUME_ID - 43} "
             "characters"
         )
     return volume_id
+
+
+def sibling_ids(node: str, name: str) -> list[str]:
+    """Every id ``name`` could have on ``node``, one per growth class."""
+    base = provisioned_id(node, name)
+    return [base, *(f"{base}.{reason}" for reason in FIXED_REASONS)]
+
+
+def check_growable_id(volume_id: str) -> None:
+    """INVALID_ARGUMENT for an id that says its volume can never grow."""
+    match = PROVISIONED_ID.fullmatch(volume_id)
+    if match and match.group("fixed"):
+        raise InvalidArgument(FIXED_REASONS[match.group("fixed")])
 
 
 def key_bits(spec: VolumeSpec) -> int:
@@ -189,6 +224,7 @@ class Volumes:
         self.key_source = key_source
         self.after_step = after_step or (lambda step: None)
         self.events = events or Events()
+        self.journal.on_set_aside = self.events.record_set_aside
         self.locks = VolumeLocks()
         self._capacity = threading.Lock()
 
@@ -216,7 +252,7 @@ class Volumes:
         if node_of(volume_id) is None:
             raise InvalidArgument(
                 f"volume_id {volume_id[:140]!r} is not a volume this driver provisioned: "
-                "expected <node name>/<32 hex digits>, at most 128 characters"
+                "expected <node name>/<32 hex digits>[.qcow2|.integrity], at most 128 characters"
             )
 
     def check_target(self, target: str, what: str = "target_path") -> None:
@@ -264,9 +300,11 @@ class Volumes:
             if record is not None and record.state == PUBLISHED:
                 self._republish(record, request)
                 return
+            names = self.names(request.volume_id)
             if record is not None:  # an earlier attempt died half-way: start clean
-                self._teardown(self.names(request.volume_id), record.target_path,
-                               record.spec.backing)  # fmt: skip
+                self._teardown(names, record.target_path, record)
+            elif self._adopt(names, request):
+                return
             self._create(request)
 
     def _republish(self, record: Record, request: PublishRequest) -> None:
@@ -290,6 +328,37 @@ class Volumes:
                 "delete the pod to get a fresh volume"
             )
         self._mount(names, request)
+
+    def _adopt(self, names: Names, request: PublishRequest) -> bool:
+        """No record, yet the kernel still has the volume (the journal was lost without a
+        reboot). Mounted at this very target: it is the pod's live volume; record it again and
+        answer OK. Anything else of it in use: refuse, touching nothing. Unused leftovers are
+        cleaned up so that everything the new attempt's rollback may undo is its own."""
+        if not self.host.crypt_exists(names.mapping):
+            return False  # a backing file or loop device without a key holds no data: reused
+        if self.host.is_mounted_from(request.target_path, names.mapping):
+            log.warning("volume %s has no journal record but is mounted at %s: adopting it",
+                        request.volume_id, request.target_path)  # fmt: skip
+            record = Record(volume_id=request.volume_id, state=PUBLISHED, spec=request.spec,
+                            target_path=request.target_path, pod=dict(request.pod),
+                            created_at=time.time(), step="adopted")  # fmt: skip
+            with self._capacity:
+                self.journal.write(record)
+            return True
+        if uses := self.host.mapping_users(names.mapping):
+            raise FailedPrecondition(
+                f"volume {request.volume_id} has no journal record on this node but its mapping "
+                f"is in use ({', '.join(map(str, uses))}); refusing to touch it"
+            )
+        self._clean_leftovers(names)
+        return False
+
+    def _clean_leftovers(self, names: Names) -> None:
+        """Remove an unused mapping no record describes, and what it sits on, so that the new
+        attempt's rollback only ever closes a mapping it opened itself."""
+        log.warning("volume %s has an open mapping and no record; removing it first",
+                    names.volume_id)  # fmt: skip
+        self.release(names)
 
     def _create(self, request: PublishRequest) -> None:
         names = self.names(request.volume_id)
@@ -316,11 +385,11 @@ class Volumes:
                 record.step = "published"
                 self.journal.write(record)
         except DriverError:
-            self._rollback(names, request.target_path, spec.backing)
+            self._rollback(names, request.target_path, record)
             raise
         except Exception:
             log.exception("publish of %s failed unexpectedly", request.volume_id)
-            self._rollback(names, request.target_path, spec.backing)
+            self._rollback(names, request.target_path, record)
             raise
 
     def open_volume(self, names: Names, spec: VolumeSpec, *, keyring: bool) -> None:
@@ -445,32 +514,70 @@ class Volumes:
             record = self.journal.load(volume_id)
             if record is not None and record.target_path != target_path:
                 # not this volume's target: release only a mount of ours there, if any
-                if self.host.mount_source(target_path) == names.mapper_device:
+                if self.host.is_mounted_from(target_path, names.mapping):
                     self.host.umount(target_path)
                 return
-            self._teardown(names, target_path, record.spec.backing if record else None)
+            self._teardown(names, target_path, record)
 
-    def _rollback(self, names: Names, target: str, backing: str) -> None:
+    def _rollback(self, names: Names, target: str, record: Record) -> None:
         try:
-            self._teardown(names, target, backing)
+            self._teardown(names, target, record)
         except Exception:
             log.exception(
                 "rollback of %s left objects behind; start-up will retry", names.volume_id
             )
 
-    def _teardown(self, names: Names, target: str, backing: str | None) -> None:
-        """Unmount, close (wiping the key), detach, delete; each step only if still needed."""
+    def _teardown(self, names: Names, target: str, record: Record | None) -> None:
+        """Unmount, close (wiping the key), detach, delete; each step only if still needed.
+
+        Whether the mapping can be closed is decided before the target is unmounted: anything
+        else the kernel says holds it (another mount, a bound device node, an open) refuses the
+        whole teardown. A holder only the close itself finds (a container's bind of the target
+        in its own mount namespace) makes us mount the target again, so the pod never gets a
+        plain directory on the node's disk in place of its volume."""
+        backing = record.spec.backing if record else None
         if backing != "loop":
             self.drop_dead_nbd(names)
+        ours = bool(target) and self.host.is_mounted_from(target, names.mapping)
+        self.check_closable(names, ignore=target if ours else "")
         with self.timed_step("unmount"):
-            # only our own mount: a stale or foreign mount at the path is not ours to remove
-            if target and self.host.mount_source(target) == names.mapper_device:
+            if ours:
                 self.host.umount(target)
-            if target:
-                self.host.remove_dir(target)
-        self.release(names, backing)
+        try:
+            self.release(names, backing)
+        except DriverError:
+            if ours and record is not None and record.state == PUBLISHED:
+                self._restore_target(names, record)
+            raise
         with self.timed_step("forget"):
             self.journal.delete(names.volume_id)
+            if target and not self.host.is_mountpoint(target):  # another mount is not ours
+                self.host.remove_dir(target)
+
+    def check_closable(self, names: Names, ignore: str = "") -> None:
+        """Busy unless the only user of the mapping is a mount at ``ignore`` (which the caller is
+        about to unmount)."""
+        uses = [u for u in self.host.mapping_users(names.mapping)
+                if not (u.kind == "mounted" and u.where == ignore)]  # fmt: skip
+        if uses:
+            raise Busy(
+                f"mapping of volume {names.volume_id} is still in use "
+                f"({', '.join(map(str, uses))}); nothing was torn down, retry later"
+            )
+
+    def _restore_target(self, names: Names, record: Record) -> None:
+        """Mount a live volume at its target again after a teardown that could not finish."""
+        if not self.host.crypt_exists(names.mapping):
+            return
+        try:
+            request = PublishRequest(record.volume_id, record.target_path, record.spec,
+                                     record.pod)  # fmt: skip
+            self._mount(names, request)
+            log.warning("volume %s is still in use elsewhere; mounted it at %s again",
+                        record.volume_id, record.target_path)  # fmt: skip
+        except Exception:
+            log.exception("could not mount volume %s at %s again", record.volume_id,
+                          record.target_path)  # fmt: skip
 
     def drop_dead_nbd(self, names: Names) -> None:
         """A qcow2 volume whose export qemu-storage-daemon lost (it restarted) can never do
@@ -487,31 +594,60 @@ class Volumes:
         names = self.names(record.volume_id)
         if record.spec.backing != "loop":
             self.drop_dead_nbd(names)
+        staging = record.staging_path
+        ours = bool(staging) and self.host.is_mounted_from(staging, names.mapping)
+        self.check_closable(names, ignore=staging if ours else "")
         with self.timed_step("unmount"):
-            staging = record.staging_path
-            if staging and self.host.mount_source(staging) == names.mapper_device:
+            if ours:
                 self.host.umount(staging)  # the staging dir itself belongs to the CO
-        self.release(names, record.spec.backing)
+        try:
+            self.release(names, record.spec.backing)
+        except DriverError:
+            self._restore_staging(names, record)
+            if record.state == UNSTAGING and self.host.crypt_exists(names.mapping):
+                record.state = STAGED  # as usable as before the unstage was asked for
+                self.journal.write(record)
+            raise
         record.state = RESERVED
         record.staging_path = ""
         record.targets = {}
         record.step = ""
         self.journal.write(record)
 
+    def _restore_staging(self, names: Names, record: Record) -> None:
+        """The mapping could not be closed: mount the staging path again if it lost its mount,
+        so the pods' binds and a retry find the volume as it was."""
+        if not self.host.crypt_exists(names.mapping) or record.spec.access_type != "mount":
+            return
+        staging = record.staging_path
+        if not staging or self.host.is_mounted_from(staging, names.mapping):
+            return
+        try:
+            self.mount_staging(names, record)
+            log.warning("volume %s is still in use; mounted its staging path %s again",
+                        record.volume_id, staging)  # fmt: skip
+        except Exception:
+            log.exception("could not mount volume %s at %s again", record.volume_id, staging)
+
+    def mount_staging(self, names: Names, record: Record) -> None:
+        spec = record.spec
+        self.host.make_dir(record.staging_path)
+        flags = [f for f in spec.mount_flags if f not in ("ro", "rw")]
+        self.host.mount(names.mapper_device, record.staging_path, spec.fs_type,
+                        ["rw", "nosuid", "nodev", *flags])  # fmt: skip
+        group = int(spec.mount_group) if spec.mount_group else None
+        self.host.set_volume_root(record.staging_path, group)
+
     def release(self, names: Names, backing: str | None = None) -> None:
         """Close, detach and delete whatever of the volume still exists; refuse while mounted.
         ``backing`` None (no record says) checks for both a loop device and an NBD export."""
         with self.timed_step("close"):
-            still = self.host.mountpoints_of(names.mapper_device)
-            if still:
-                raise FailedPrecondition(
-                    f"mapping of volume {names.volume_id} is still mounted at {', '.join(still)}; "
-                    "it stays open"
-                )
+            self.check_closable(names)
             self.host.crypt_close(names.mapping)
         with self.timed_step("detach"):
             device = self.host.loop_find(names.backing)
             if device:
+                self.remove_temporary_mappings(device)
                 self.host.loop_detach(device)
             if backing != "loop":  # a loop volume never had an export: skip qsd's round trip
                 self.host.nbd_detach(names.mapping)
@@ -521,6 +657,13 @@ class Volumes:
             self.host.remove_file(names.header)
         if existed:
             self.events.shredded()
+
+    def remove_temporary_mappings(self, device: str) -> None:
+        """cryptsetup killed mid-format leaves its temporary mapping on our device: without
+        removing it the device can never detach (and its deleted file keeps its space)."""
+        for name in self.host.temporary_mappings_on(device):
+            log.warning("removing cryptsetup's leftover mapping %s on %s", name, device)
+            self.host.remove_temporary_mapping(name)
 
     # stats -------------------------------------------------------------------------------
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
@@ -601,16 +744,19 @@ class Volumes:
         result = []
         for record in self.journal.all():
             names = self.names(record.volume_id)
-            result.append(
-                VolumeInfo(
-                    record=record,
-                    names=names,
-                    allocated_bytes=self.host.allocated_bytes(names.backing),
-                    loop_device=self.device_of(names),
-                    mapping_open=self.host.crypt_exists(names.mapping),
-                    mounted=self._mounted(names, record),
+            try:
+                result.append(
+                    VolumeInfo(
+                        record=record,
+                        names=names,
+                        allocated_bytes=self.host.allocated_bytes(names.backing),
+                        loop_device=self.device_of(names),
+                        mapping_open=self.host.crypt_exists(names.mapping),
+                        mounted=self._mounted(names, record),
+                    )
                 )
-            )
+            except DriverError as exc:  # one volume the host cannot inspect hides no other
+                log.warning("cannot inspect volume %s: %s", record.volume_id, exc)
         return result
 
     # start-up ----------------------------------------------------------------------------
@@ -635,12 +781,22 @@ class Volumes:
                         self.release_staged(record)
                         known.add(names.digest)
                     else:
-                        self._teardown(names, record.target_path, record.spec.backing)
+                        self._teardown(names, record.target_path, record)
                 report.rolled_back.append(record.volume_id)
-            except DriverError as exc:
+            except Exception as exc:  # one bad volume never stops start-up for the others
+                if not isinstance(exc, DriverError):
+                    log.exception("start-up could not roll back volume %s", record.volume_id)
                 known.add(names.digest)
                 report.failures.append(f"{record.volume_id}: {exc}")
-        self._remove_orphans(known, report)
+        # a record that cannot be read still names its objects: they are never orphans
+        for digest in sorted(self.journal.unreadable_digests()):
+            known.add(digest)
+            report.failures.append(f"journal record {digest}.json is unreadable and was set "
+                                   "aside; its volume's objects are left alone")  # fmt: skip
+        try:
+            self._remove_orphans(known, report)
+        except DriverError as exc:
+            report.failures.append(f"orphan check stopped: {exc}")
         return report
 
     def _remove_orphans(self, known: set[str], report: ReconcileReport) -> None:
@@ -650,15 +806,19 @@ class Volumes:
             if not match or match.group(1) in known:
                 continue
             mapping = MAPPING_PREFIX + match.group(1)
-            if self.host.mountpoints_of(f"/dev/mapper/{mapping}"):
-                report.failures.append(f"{name}: no record but still mounted; left alone")
-                known.add(match.group(1))  # keep its header too: unpublish will need nothing
-                continue
             path = os.path.join(data_dir, name)
             try:
+                if uses := self.host.mapping_users(mapping):
+                    report.failures.append(
+                        f"{name}: no record but its mapping is in use "
+                        f"({', '.join(map(str, uses))}); left alone"
+                    )
+                    known.add(match.group(1))  # keep its header too: unpublish will need nothing
+                    continue
                 self.host.crypt_close(mapping)
                 device = self.host.loop_find(path)
                 if device:
+                    self.remove_temporary_mappings(device)
                     self.host.loop_detach(device)
                 self.host.nbd_detach(mapping)
                 self.host.remove_file(path)
@@ -667,9 +827,13 @@ class Volumes:
                 report.failures.append(f"{name}: {exc}")
         for mapping in self.host.crypt_names(MAPPING_PREFIX):
             digest = mapping[len(MAPPING_PREFIX) :]
-            if digest in known or self.host.mountpoints_of(f"/dev/mapper/{mapping}"):
+            if digest in known:
                 continue
             try:
+                if self.host.mapping_users(mapping):
+                    known.add(digest)
+                    report.failures.append(f"{mapping}: no record but in use; left alone")
+                    continue
                 self.host.crypt_close(mapping)
                 report.count("mapping_without_record", self.events)
             except DriverError as exc:
@@ -679,6 +843,7 @@ class Volumes:
             if not match or match.group(1) in known:
                 continue
             try:
+                self.remove_temporary_mappings(device)
                 self.host.loop_detach(device)  # its file was deleted while a mapping held it
                 report.count("loop_without_record", self.events)
             except DriverError as exc:
@@ -690,9 +855,12 @@ class Volumes:
             exports = []
         for export in exports:
             digest = export.removeprefix(MAPPING_PREFIX)
-            if digest in known or self.host.mountpoints_of(f"/dev/mapper/{export}"):
+            if digest in known:
                 continue
             try:
+                if self.host.mapping_users(export):
+                    report.failures.append(f"{export}: no record but in use; left alone")
+                    continue
                 self.host.crypt_close(export)  # its image was deleted while the export held it
                 self.host.nbd_detach(export)
                 report.count("export_without_record", self.events)
@@ -702,5 +870,8 @@ class Volumes:
         for name in self.host.list_dir(header_dir):
             match = HEADER_FILE.match(name)
             if match and match.group(1) not in known:
-                self.host.remove_file(os.path.join(header_dir, name))
-                report.count("header_without_record", self.events)
+                try:
+                    self.host.remove_file(os.path.join(header_dir, name))
+                    report.count("header_without_record", self.events)
+                except DriverError as exc:
+                    report.failures.append(f"{name}: {exc}")

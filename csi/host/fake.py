@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 
 from csi.errors import Busy, FailedPrecondition, Internal
-from csi.host import FsStats, LuksFormat
+from csi.host import FsStats, LuksFormat, MappingUse
 from csi.host.qmp import QmpError
 from csi.host.runner import CommandFailed
 from csi.keys import VolumeKey
@@ -22,7 +22,7 @@ STEPS = (
     "create_backing", "loop_attach", "luks_format", "crypt_open", "mkfs", "mount",
     "set_volume_root", "umount", "crypt_close", "loop_detach", "remove_file",
     "grow_backing", "loop_refresh", "crypt_resize", "fs_grow", "bind_mount", "make_file",
-    "qcow2_create", "nbd_attach", "nbd_detach", "nbd_exports",
+    "qcow2_create", "nbd_attach", "nbd_detach", "nbd_exports", "remove_temporary_mapping",
 )  # fmt: skip
 ATTACHED_OFFSET = 1024**2  # where the data starts behind an attached LUKS2 header
 
@@ -64,6 +64,11 @@ class FakeHost:
     fs_errors: dict[str, int] = field(default_factory=dict)
     mounts: dict[str, FakeMount] = field(default_factory=dict)  # target -> mount
     busy: set[str] = field(default_factory=set)  # busy targets
+    # opens of a mapping the driver cannot see as mounts: a process, a mount in another mount
+    # namespace (a container's bind of the target); the kernel refuses to close it meanwhile
+    foreign_users: dict[str, int] = field(default_factory=dict)
+    temporary: dict[str, str] = field(default_factory=dict)  # cryptsetup temp mapping -> device
+    nonempty: set[str] = field(default_factory=set)  # directories holding files of their own
     missing: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     faults: dict[str, BaseException] = field(default_factory=dict)
@@ -95,11 +100,13 @@ class FakeHost:
         self.fs_sizes.clear()
         self.mounts.clear()
         self.busy.clear()
+        self.foreign_users.clear()
+        self.temporary.clear()
 
     def is_empty(self) -> bool:
         return not (
             self.files or self.loops or self.mappings or self.mounts or self.luks or self.exports
-            or self.nbds
+            or self.nbds or self.temporary
         )  # fmt: skip
 
     def restart_qsd(self) -> None:
@@ -175,6 +182,10 @@ class FakeHost:
             self.files.setdefault(path, FakeFile(0, 0))
 
     def remove_dir(self, path: str) -> None:
+        if path in self.nonempty:
+            raise FailedPrecondition(f"target {path} is not a mount of the volume and holds files")
+        if path in self.mounts:
+            raise Busy(f"target {path} is still a mount point")
         self.dirs.discard(path)
 
     def set_volume_root(self, path: str, group: int | None) -> None:
@@ -205,8 +216,9 @@ class FakeHost:
     def loop_detach(self, device: str) -> None:
         with self._lock:
             self._enter("loop_detach", device)
-            if any(m == device for m in self.mappings.values()):
-                raise CommandFailed(["losetup"], 1, f"{device}: device is busy")
+            if any(m == device for m in (*self.mappings.values(), *self.temporary.values())):
+                # like losetup -d on a busy device: it only marks it for autoclear
+                return
             self.loops.pop(device, None)
             self.loop_sizes.pop(device, None)
 
@@ -326,7 +338,9 @@ class FakeHost:
         with self._lock:
             self._enter("crypt_close", name)
             device = f"/dev/mapper/{name}"
-            if any(m.source == device for m in self.mounts.values()):
+            if any(m.source == device for m in self.mounts.values()) or self.foreign_users.get(
+                name
+            ):
                 raise Busy(f"mapping {name} is still in use; it stays open")
             self.mappings.pop(name, None)
             self.keyring.pop(name, None)
@@ -339,6 +353,24 @@ class FakeHost:
 
     def crypt_names(self, prefix: str) -> list[str]:
         return sorted(n for n in self.mappings if n.startswith(prefix))
+
+    def mapping_users(self, name: str) -> list[MappingUse]:
+        if name not in self.mappings:
+            return []
+        device = f"/dev/mapper/{name}"
+        uses = [MappingUse("mounted", t) for t, m in self.mounts.items() if m.source == device]
+        uses += [MappingUse("bound", t) for t, m in self.mounts.items() if m.device == device]
+        if self.foreign_users.get(name):
+            uses.append(MappingUse("open", str(self.foreign_users[name])))
+        return uses
+
+    def temporary_mappings_on(self, device: str) -> list[str]:
+        return sorted(n for n, d in self.temporary.items() if d == device)
+
+    def remove_temporary_mapping(self, name: str) -> None:
+        with self._lock:
+            self._enter("remove_temporary_mapping", name)
+            self.temporary.pop(name, None)
 
     # filesystems -------------------------------------------------------------------------
     def mkfs(self, device: str, fs_type: str, *, eager: bool = False) -> None:
@@ -391,6 +423,12 @@ class FakeHost:
 
     def mountpoints_of(self, source: str) -> list[str]:
         return [t for t, m in self.mounts.items() if m.source == source]
+
+    def is_mounted_from(self, path: str, name: str) -> bool:
+        mount = self.mounts.get(path)
+        device = f"/dev/mapper/{name}"
+        return mount is not None and name in self.mappings and device in (mount.source,
+                                                                           mount.device)
 
     def fs_stats(self, path: str) -> FsStats:
         size = self.fs_sizes.get(self.mounts[path].source, 0)

@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import glob
+import inspect
 import logging
 import os
+import re
 import shutil
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-from csi.errors import Busy, FailedPrecondition, Internal
-from csi.host import FsStats, LuksFormat
+from csi.errors import (
+    Busy,
+    DriverError,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from csi.host import FsStats, LuksFormat, MappingUse
 from csi.host.nbd import Qcow2Nbd
 from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, run
 from csi.keys import VolumeKey
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 PBKDF2_MIN_ITERATIONS = "1000"  # cryptsetup's floor; the passphrase is a full-entropy key
 FORMAT_TIMEOUT = 900.0  # dm-integrity wipes the whole device at format time
 SECTOR = "4096"
 GROW_TIMEOUT = 600.0  # growing a big filesystem online writes new group descriptors
 REQUIRED_TOOLS = (
-    "cryptsetup", "losetup", "mkfs.ext4", "mkfs.xfs", "mount", "umount", "resize2fs",
+    "cryptsetup", "dmsetup", "losetup", "mkfs.ext4", "mkfs.xfs", "mount", "umount", "resize2fs",
     "xfs_growfs",
 )  # fmt: skip
 # Per-mount (VFS) flags: the only ones a bind remount can change; filesystem options such as
@@ -36,15 +51,30 @@ BIND_FLAGS = frozenset(
 )
 
 
+_OCTAL = re.compile(r"\\([0-7]{3})")
+TEMPORARY_MAPPING = "temporary-cryptsetup-"  # what cryptsetup names its short-lived mappings
+DEVICE_FS = frozenset({"devtmpfs", "tmpfs"})  # where a bound device node can live
+
+
 def _unescape_mountinfo(field: str) -> str:
-    return (
-        field.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n")
-        .replace("\\134", "\\")
-    )  # fmt: skip
+    """The kernel escapes space, tab, newline and backslash in mountinfo as \\ooo (octal)."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
-def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
-    """(mount point, source, fs type) of every mount, from the kernel's own table."""
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of mountinfo: where, the device number of the filesystem, the path inside it
+    that is mounted (for a bound device node: the node), the source string and fs type."""
+
+    point: str
+    dev: str  # "major:minor"
+    root: str
+    source: str
+    fs_type: str
+
+
+def read_mounts(path: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    """Every mount of this mount namespace, from the kernel's own table."""
     entries = []
     with open(path) as f:
         for line in f:
@@ -52,10 +82,48 @@ def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, s
             fields, rfields = left.split(), right.split()
             if len(fields) < 5 or len(rfields) < 2:
                 continue
-            entries.append(
-                (_unescape_mountinfo(fields[4]), _unescape_mountinfo(rfields[1]), rfields[0])
-            )
+            entries.append(MountEntry(
+                point=_unescape_mountinfo(fields[4]), dev=fields[2],
+                root=_unescape_mountinfo(fields[3]), source=_unescape_mountinfo(rfields[1]),
+                fs_type=rfields[0],
+            ))  # fmt: skip
     return entries
+
+
+def read_mountinfo(path: str = "/proc/self/mountinfo") -> list[tuple[str, str, str]]:
+    """(mount point, source, fs type) of every mount."""
+    return [(e.point, e.source, e.fs_type) for e in read_mounts(path)]
+
+
+def typed_os_error(exc: OSError, what: str) -> DriverError:
+    """An OS error as a domain error with a message a person can act on."""
+    reason = exc.strerror or str(exc)
+    code = exc.errno
+    if code == errno.EBUSY:
+        return Busy(f"{what}: {reason}; it is still in use, retry later")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return ResourceExhausted(f"{what}: {reason}; free space on the node or ask for less")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return FailedPrecondition(f"{what}: {reason}; the driver needs root and a writable path")
+    if code == errno.ELOOP:
+        return InvalidArgument(f"{what}: a symlink is in the way; refusing to follow it")
+    if code == errno.ENOTEMPTY:
+        return FailedPrecondition(f"{what}: the directory is not empty")
+    return Internal(f"{what}: {reason}")
+
+
+def _typed_os_errors(method: Callable[..., R]) -> Callable[..., R]:
+    """Wrap a host method so no bare OSError leaves the host layer."""
+
+    @functools.wraps(method)
+    def wrapper(self: LinuxHost, *args: Any, **kwargs: Any) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as exc:
+            subject = args[0] if args and isinstance(args[0], str) else ""
+            raise typed_os_error(exc, f"{method.__name__} {subject}".strip()) from None
+
+    return wrapper
 
 
 class LinuxHost:
@@ -137,8 +205,23 @@ class LinuxHost:
         os.close(fd)
 
     def remove_dir(self, path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        try:
             os.rmdir(path)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.ENOTEMPTY:
+                raise FailedPrecondition(
+                    f"target {path} is not a mount of the volume and holds files: they were "
+                    "written outside the encrypted volume, on the node's disk; the volume itself "
+                    "is gone: inspect and remove the directory"
+                ) from None
+            if exc.errno == errno.EBUSY:
+                raise Busy(
+                    f"target {path} is still a mount point of something that is not this "
+                    "volume; unmount it and retry"
+                ) from None
+            raise
 
     def set_volume_root(self, path: str, group: int | None) -> None:
         if group is None:
@@ -355,6 +438,98 @@ class LinuxHost:
     def is_mountpoint(self, path: str) -> bool:
         return any(point == path for point, _, _ in read_mountinfo())
 
+    def _dm_dir(self, name: str) -> str | None:
+        kname = self._dm_names().get(name)
+        return os.path.join(self.sysfs, "block", kname) if kname else None
+
+    def _dm_open_count(self, name: str) -> int:
+        """How many times the kernel has the mapping open (mounts of one filesystem share one)."""
+        out = run(["dmsetup", "info", "-c", "--noheadings", "-o", "open", name])
+        try:
+            return int(out.strip())
+        except ValueError:
+            raise Internal(f"dmsetup gave no open count for {name}: {out.strip()[:80]!r}") from None
+
+    def _binds_device(self, entry: MountEntry, kname: str, name: str, rdev: int) -> bool:
+        """A device node bound onto a file: its mount is of /dev (devtmpfs or a tmpfs), and the
+        node itself says which device it is."""
+        if entry.fs_type not in DEVICE_FS or os.path.basename(entry.root) not in (kname, name):
+            return False
+        try:
+            st = os.stat(entry.point)
+        except OSError:
+            return False
+        return stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev
+
+    def mapping_users(self, name: str) -> list[MappingUse]:
+        """Everything the kernel says holds the mapping: mounts of its filesystem (by device
+        number, whatever the source string says), bound device nodes, stacked devices, and
+        opens that none of those explain (a process, or a mount in another mount namespace)."""
+        directory = self._dm_dir(name)
+        if directory is None:
+            return []
+        kname = os.path.basename(directory)
+        with open(os.path.join(directory, "dev")) as f:
+            dev = f.read().strip()
+        major, minor = (int(n) for n in dev.split(":"))
+        rdev = os.makedev(major, minor)
+        uses = []
+        mounted = False
+        for entry in read_mounts():
+            if entry.dev == dev:
+                mounted = True
+                uses.append(MappingUse("mounted", entry.point))
+            elif self._binds_device(entry, kname, name, rdev):
+                uses.append(MappingUse("bound", entry.point))
+        holders = sorted(os.listdir(os.path.join(directory, "holders")))
+        uses += [MappingUse("held", holder) for holder in holders]
+        unexplained = self._dm_open_count(name) - int(mounted) - len(holders)
+        if unexplained > 0:
+            uses.append(MappingUse("open", str(unexplained)))
+        return uses
+
+    def is_mounted_from(self, path: str, name: str) -> bool:
+        """Whether the visible mount at ``path`` is the mapping's filesystem or its device node
+        (decided by device number, not by the source string)."""
+        directory = self._dm_dir(name)
+        if directory is None:
+            return False
+        with open(os.path.join(directory, "dev")) as f:
+            dev = f.read().strip()
+        major, minor = (int(n) for n in dev.split(":"))
+        visible = [e for e in read_mounts() if e.point == path]
+        if not visible:
+            return False
+        entry = visible[-1]  # the last entry wins: it is the visible one
+        kname = os.path.basename(directory)
+        return entry.dev == dev or self._binds_device(entry, kname, name,
+                                                      os.makedev(major, minor))  # fmt: skip
+
+    def temporary_mappings_on(self, device: str) -> list[str]:
+        """cryptsetup's own short-lived mappings (``temporary-cryptsetup-*``, made while it
+        formats or wipes) stacked on ``device``: a cryptsetup killed mid-way leaves them."""
+        kname = os.path.basename(os.path.realpath(device))
+        names = {v: k for k, v in self._dm_names().items()}
+        try:
+            holders = os.listdir(os.path.join(self.sysfs, "block", kname, "holders"))
+        except FileNotFoundError:
+            return []
+        return sorted(names[h] for h in holders
+                      if h in names and names[h].startswith(TEMPORARY_MAPPING))  # fmt: skip
+
+    def remove_temporary_mapping(self, name: str) -> None:
+        if not name.startswith(TEMPORARY_MAPPING):
+            raise InvalidArgument(f"{name} is not one of cryptsetup's temporary mappings")
+        if name not in self._dm_names():
+            return
+        try:
+            run(["dmsetup", "remove", "--retry", name])
+        except CommandFailed as exc:
+            if name in self._dm_names():
+                if "busy" in exc.stderr.lower() or "in use" in exc.stderr:
+                    raise Busy(f"temporary mapping {name} is still in use") from None
+                raise
+
     def umount(self, target: str) -> None:
         try:
             run(["umount", target])
@@ -377,6 +552,7 @@ class LinuxHost:
 
     def mountpoints_of(self, source: str) -> list[str]:
         return [point for point, src, _ in read_mountinfo() if src == source]
+
 
     def fs_stats(self, path: str) -> FsStats:
         st = os.statvfs(path)
@@ -418,6 +594,11 @@ class LinuxHost:
         ):
             missing.append("device-mapper (/dev/mapper/control)")
         return missing
+
+
+for _name, _method in list(vars(LinuxHost).items()):
+    if not _name.startswith("_") and inspect.isfunction(_method):
+        setattr(LinuxHost, _name, _typed_os_errors(_method))
 
 
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"

@@ -263,7 +263,7 @@ def test_recordless_mounted_volume_is_left_alone_and_unpublish_tears_it_down(
     report = harness.last_report
     assert report is not None
     assert len(report.failures) == 1
-    assert "still mounted; left alone" in report.failures[0]
+    assert "in use (mounted at" in report.failures[0] and "left alone" in report.failures[0]
     assert "backing_without_record" not in report.orphans_removed
     assert "mapping_without_record" not in report.orphans_removed
     host = harness.host

@@ -35,6 +35,7 @@ ENTRYPOINT = "luks-ephemeral-csi"
 # Executable -> the Debian bookworm package that ships it.
 TOOL_PACKAGES = {
     "cryptsetup": "cryptsetup-bin",
+    "dmsetup": "dmsetup",
     "losetup": "mount",
     "mount": "mount",
     "umount": "mount",
@@ -55,7 +56,7 @@ EXTRA_TOOLS = ("qemu-img", "qemu-nbd", "qemu-storage-daemon", "nbd-client", "mod
 # The whole list the runtime stage may install: each has a reason in the Dockerfile.
 ALLOWED_PACKAGES = {
     "cryptsetup-bin", "util-linux", "mount", "e2fsprogs", "xfsprogs", "qemu-utils",
-    "qemu-system-common", "nbd-client", "kmod",
+    "qemu-system-common", "nbd-client", "kmod", "dmsetup",
 }  # fmt: skip
 HOST_MODULES = REPO / "csi" / "host"
 

@@ -513,10 +513,10 @@ def test_concurrent_publish_of_same_volume_is_aborted(
     entered, release = threading.Event(), threading.Event()
     real_mkfs = harness.host.mkfs
 
-    def slow_mkfs(device: str, fs_type: str) -> None:
+    def slow_mkfs(device: str, fs_type: str, *, eager: bool = False) -> None:
         entered.set()
         assert release.wait(10)
-        real_mkfs(device, fs_type)
+        real_mkfs(device, fs_type, eager=eager)
 
     monkeypatch.setattr(harness.host, "mkfs", slow_mkfs)
     request = request_for(harness)
