@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 from csi.proto import csi_pb2
 
 STRIPPED = "***stripped***"
+MAX_LOGGED_STRING = 256  # a hostile 1 MB parameter must not land whole in every log line
 
 
 def sanitize(message: Message) -> dict[str, Any]:
@@ -22,20 +23,24 @@ def sanitize(message: Message) -> dict[str, Any]:
         if field.GetOptions().Extensions[csi_pb2.csi_secret]:  # type: ignore[index]
             out[field.name] = STRIPPED
         elif field.message_type is not None and field.message_type.GetOptions().map_entry:
-            out[field.name] = {k: _plain(v) for k, v in value.items()}
+            out[field.name] = {_plain(k): _plain(v) for k, v in value.items()}
         elif field.message_type is not None and field.is_repeated:
             out[field.name] = [sanitize(v) for v in value]
         elif field.message_type is not None:
             out[field.name] = sanitize(value)
         elif field.is_repeated:
-            out[field.name] = list(value)
+            out[field.name] = [_plain(v) for v in value]
         else:
-            out[field.name] = value
+            out[field.name] = _plain(value)
     return out
 
 
 def _plain(value: Any) -> Any:
-    return sanitize(value) if isinstance(value, Message) else value
+    if isinstance(value, Message):
+        return sanitize(value)
+    if isinstance(value, str) and len(value) > MAX_LOGGED_STRING:
+        return f"{value[:MAX_LOGGED_STRING]}... ({len(value)} characters)"
+    return value
 
 
 class JsonFormatter(logging.Formatter):

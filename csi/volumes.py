@@ -42,7 +42,7 @@ from csi.journal import (
     VolumeLocks,
 )
 from csi.keys import PASSPHRASE_BYTES, KeySource, random_key
-from csi.params import VolumeSpec, format_bytes
+from csi.params import VolumeSpec, format_bytes, quoted
 
 log = logging.getLogger(__name__)
 
@@ -262,17 +262,24 @@ class Volumes:
         root = self.config.kubelet_root.rstrip("/")
         if not target.startswith("/") or os.path.normpath(target) != target or "\0" in target:
             raise InvalidArgument(
-                f"{what} {target!r} must be an absolute, normalised path (no '..', '//' or "
+                f"{what} {quoted(target, 200)} must be an absolute, normalised path "
+                "(no '..', '//' or "
                 "trailing '/')"
             )
         if not target.startswith(root + "/"):
-            raise InvalidArgument(f"{what} {target!r} is outside the kubelet root {root}")
+            raise InvalidArgument(
+                f"{what} {quoted(target, 200)} is outside the kubelet root {root}"
+            )
         real_root = self.host.realpath(root)
         real_parent = self.host.realpath(os.path.dirname(target))
         if real_parent != real_root and not real_parent.startswith(real_root + "/"):
-            raise InvalidArgument(f"{what} {target!r} escapes the kubelet root through a symlink")
+            raise InvalidArgument(
+                f"{what} {quoted(target, 200)} escapes the kubelet root through a symlink"
+            )
         if self.host.is_symlink(target):
-            raise InvalidArgument(f"{what} {target!r} is a symlink; refusing to mount over it")
+            raise InvalidArgument(
+                f"{what} {quoted(target, 200)} is a symlink; refusing to mount over it"
+            )
 
     # steps -------------------------------------------------------------------------------
     @contextmanager
@@ -705,7 +712,8 @@ class Volumes:
             if self.host.nbd_find(names.mapping) is None:
                 problems.append("NBD device is disconnected")
             elif not self.host.nbd_export_alive(names.mapping):
-                problems.append("qemu-storage-daemon no longer serves the image (restarted?)")
+                problems.append("qemu-storage-daemon no longer serves the image or does not "
+                                "answer (restarted or hung?)")
         elif self.host.loop_find(names.backing) is None:
             problems.append("loop device is detached")
         if not self.host.crypt_exists(names.mapping):

@@ -152,11 +152,6 @@ def test_a_long_value_is_quoted_short_in_status_log_and_event(
     assert mh.leftovers() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csi/logs.py sanitize() dumps the whole request into the RPC log line: it should "
-    "cut long strings too (not a file of this change)",
-)
 def test_the_rpc_log_line_does_not_repeat_a_10k_value(
     harness: Harness, caplog: pytest.LogCaptureFixture
 ) -> None:
