@@ -23,6 +23,7 @@ test-unit: venv
 
 # The real-kernel tier: directly where this kernel has device-mapper, else inside a VM.
 test-node: venv
+	-$(PY) tools/csi_sanity.py
 	$(PY) tools/vmrun.py -- $(PY) -m pytest -q -p no:cacheprovider --timeout 1200 -rs tests/node
 
 test: lint test-unit test-node

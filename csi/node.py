@@ -10,7 +10,7 @@ import grpc
 
 from csi.capability import Mode, capability_of, check_access_mode, required_capability
 from csi.config import Config
-from csi.errors import DriverError, InvalidArgument, ResourceExhausted
+from csi.errors import DriverError, InvalidArgument, NotFound, ResourceExhausted
 from csi.params import VolumeSpec, check_combination, parse_attributes
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
@@ -58,9 +58,10 @@ def pod_of(volume_context: dict[str, str]) -> PodRef | None:
     """The pod named by kubelet's ``csi.storage.k8s.io/pod.*`` keys, if it names one."""
     namespace = volume_context.get("csi.storage.k8s.io/pod.namespace", "")
     name = volume_context.get("csi.storage.k8s.io/pod.name", "")
-    if not namespace or not name:
-        return None
-    return PodRef(namespace, name, volume_context.get("csi.storage.k8s.io/pod.uid", ""))
+    uid = volume_context.get("csi.storage.k8s.io/pod.uid", "")
+    if not namespace or not name or len(namespace) > 63 or len(name) > 253 or len(uid) > 128:
+        return None  # not a real pod's name: no event that would repeat a hostile value
+    return PodRef(namespace, name, uid)
 
 
 def topology_key(driver_name: str) -> str:
@@ -206,6 +207,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):  # type: ignore[misc]
     def NodeExpandVolume(
         self, request: pb.NodeExpandVolumeRequest, context: grpc.ServicerContext
     ) -> pb.NodeExpandVolumeResponse:
+        # arguments that name the volume first, then whether it exists, then the rest: an
+        # unknown volume is NOT_FOUND whatever else the request lacks (csi-sanity checks this)
+        self.volumes.check_volume_id(request.volume_id)
+        if not request.volume_path:
+            raise InvalidArgument("volume_path is required")
+        record = self.staged.journal.load(request.volume_id)
+        if record is None:
+            raise NotFound(f"volume {request.volume_id} is not on this node")
+        if not record.provisioned:
+            raise InvalidArgument(f"volume {request.volume_id} is an inline ephemeral volume: "
+                                  "those keep the size they were published with")  # fmt: skip
         if not request.HasField("capacity_range"):
             raise InvalidArgument("capacity_range is required: the size to grow the volume to")
         if request.HasField("volume_capability"):

@@ -170,3 +170,13 @@ def test_an_unknown_access_mode_is_invalid_argument_not_internal(harness: Harnes
     error = refusal(harness, request)
     assert code_of(error) == grpc.StatusCode.INVALID_ARGUMENT, details(error)
     assert "access mode 99 is not supported" in details(error)
+
+
+def test_a_pod_name_no_pod_could_have_gets_no_event() -> None:
+    """kubelet's pod keys are bounded like Kubernetes names; a longer one names no pod, so no
+    event (and no API warning) repeats it."""
+    from csi.node import pod_of
+
+    keys = {"csi.storage.k8s.io/pod.namespace": "default", "csi.storage.k8s.io/pod.uid": "u"}
+    assert pod_of({**keys, "csi.storage.k8s.io/pod.name": "web-0"}) is not None
+    assert pod_of({**keys, "csi.storage.k8s.io/pod.name": "x" * 10_000}) is None
