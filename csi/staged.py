@@ -280,11 +280,15 @@ class StagedVolumes:
         with self.core.locks.hold(volume_id):
             record = self.journal.load(volume_id)
             if record is None or target not in record.targets:
-                # nothing recorded there: release only a filesystem bind of ours, if any
+                # nothing recorded there: release only a bind of ours (a filesystem, or the
+                # device node of a block volume), decided by device number
                 names = self.core.names(volume_id)
-                if self.host.mount_source(target) == names.mapper_device:
+                if self.host.is_mounted_from(target, names.mapping):
                     self.host.umount(target)
-                    self.host.remove_dir(target)
+                    if self.host.is_dir(target):
+                        self.host.remove_dir(target)
+                    else:
+                        self.host.remove_file(target)
                 return
             with self.core.timed_step("unmount"):
                 self._unbind(record, target)

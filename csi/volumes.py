@@ -602,12 +602,12 @@ class Volumes:
         if record.spec.backing != "loop":
             self.drop_dead_nbd(names)
         staging = record.staging_path
-        ours = bool(staging) and self.host.is_mounted_from(staging, names.mapping)
-        self.check_closable(names, ignore=staging if ours else "")
-        with self.timed_step("unmount"):
-            if ours:
-                self.host.umount(staging)  # the staging dir itself belongs to the CO
         try:
+            ours = bool(staging) and self.host.is_mounted_from(staging, names.mapping)
+            self.check_closable(names, ignore=staging if ours else "")
+            with self.timed_step("unmount"):
+                if ours:
+                    self.host.umount(staging)  # the staging dir itself belongs to the CO
             self.release(names, record.spec.backing)
         except DriverError:
             self._restore_staging(names, record)

@@ -67,7 +67,12 @@ class FakeHost:
     # opens of a mapping the driver cannot see as mounts: a process, a mount in another mount
     # namespace (a container's bind of the target); the kernel refuses to close it meanwhile
     foreign_users: dict[str, int] = field(default_factory=dict)
-    temporary: dict[str, str] = field(default_factory=dict)  # cryptsetup temp mapping -> device
+    # mappings whose filesystem another mount namespace also mounts (a container's bind): like
+    # the kernel, that shares the one open our own mount explains, so it shows only once we
+    # unmount, and the kernel refuses to close the mapping meanwhile
+    other_namespaces: set[str] = field(default_factory=set)
+    # cryptsetup temp mapping -> the device it sits on (a loop, or /dev/mapper/<another temp>)
+    temporary: dict[str, str] = field(default_factory=dict)
     nonempty: set[str] = field(default_factory=set)  # directories holding files of their own
     missing: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
@@ -101,6 +106,7 @@ class FakeHost:
         self.mounts.clear()
         self.busy.clear()
         self.foreign_users.clear()
+        self.other_namespaces.clear()
         self.temporary.clear()
 
     def is_empty(self) -> bool:
@@ -148,6 +154,9 @@ class FakeHost:
 
     def exists(self, path: str) -> bool:
         return path in self.files or path in self.dirs or path in self.symlinks
+
+    def is_dir(self, path: str) -> bool:
+        return path in self.dirs
 
     def list_dir(self, path: str) -> list[str]:
         prefix = path.rstrip("/") + "/"
@@ -338,9 +347,8 @@ class FakeHost:
         with self._lock:
             self._enter("crypt_close", name)
             device = f"/dev/mapper/{name}"
-            if any(m.source == device for m in self.mounts.values()) or self.foreign_users.get(
-                name
-            ):
+            if (any(m.source == device for m in self.mounts.values())
+                    or self.foreign_users.get(name) or name in self.other_namespaces):
                 raise Busy(f"mapping {name} is still in use; it stays open")
             self.mappings.pop(name, None)
             self.keyring.pop(name, None)
@@ -360,16 +368,27 @@ class FakeHost:
         device = f"/dev/mapper/{name}"
         uses = [MappingUse("mounted", t) for t, m in self.mounts.items() if m.source == device]
         uses += [MappingUse("bound", t) for t, m in self.mounts.items() if m.device == device]
-        if self.foreign_users.get(name):
-            uses.append(MappingUse("open", str(self.foreign_users[name])))
+        opens = self.foreign_users.get(name, 0)
+        if name in self.other_namespaces and not any(u.kind == "mounted" for u in uses):
+            opens += 1
+        if opens:
+            uses.append(MappingUse("open", str(opens)))
         return uses
 
     def temporary_mappings_on(self, device: str) -> list[str]:
-        return sorted(n for n, d in self.temporary.items() if d == device)
+        found: list[str] = []
+        level = [device]
+        while level:
+            above = sorted(n for n, d in self.temporary.items() if d in level)
+            found += above
+            level = [f"/dev/mapper/{n}" for n in above]
+        return list(reversed(found))
 
     def remove_temporary_mapping(self, name: str) -> None:
         with self._lock:
             self._enter("remove_temporary_mapping", name)
+            if f"/dev/mapper/{name}" in self.temporary.values():
+                raise Busy(f"temporary mapping {name} is still in use")
             self.temporary.pop(name, None)
 
     # filesystems -------------------------------------------------------------------------

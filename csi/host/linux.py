@@ -174,6 +174,9 @@ class LinuxHost:
     def exists(self, path: str) -> bool:
         return os.path.lexists(path)
 
+    def is_dir(self, path: str) -> bool:
+        return os.path.isdir(path) and not os.path.islink(path)
+
     def list_dir(self, path: str) -> list[str]:
         try:
             return sorted(os.listdir(path))
@@ -507,15 +510,24 @@ class LinuxHost:
 
     def temporary_mappings_on(self, device: str) -> list[str]:
         """cryptsetup's own short-lived mappings (``temporary-cryptsetup-*``, made while it
-        formats or wipes) stacked on ``device``: a cryptsetup killed mid-way leaves them."""
-        kname = os.path.basename(os.path.realpath(device))
+        formats or wipes) stacked on ``device``, directly or on each other (an integrity
+        format stacks a crypt mapping on an integrity one): a cryptsetup killed mid-way leaves
+        them. Ordered top first, the order they can be removed in."""
         names = {v: k for k, v in self._dm_names().items()}
-        try:
-            holders = os.listdir(os.path.join(self.sysfs, "block", kname, "holders"))
-        except FileNotFoundError:
-            return []
-        return sorted(names[h] for h in holders
-                      if h in names and names[h].startswith(TEMPORARY_MAPPING))  # fmt: skip
+        found: list[str] = []
+        level = [os.path.basename(os.path.realpath(device))]
+        while level:
+            above = []
+            for kname in level:
+                try:
+                    holders = os.listdir(os.path.join(self.sysfs, "block", kname, "holders"))
+                except FileNotFoundError:
+                    continue
+                above += [h for h in sorted(holders)
+                          if names.get(h, "").startswith(TEMPORARY_MAPPING)]  # fmt: skip
+            found += [names[h] for h in above if names[h] not in found]
+            level = above
+        return list(reversed(found))
 
     def remove_temporary_mapping(self, name: str) -> None:
         if not name.startswith(TEMPORARY_MAPPING):

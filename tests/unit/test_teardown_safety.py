@@ -128,6 +128,39 @@ def test_unstage_that_cannot_close_mounts_the_staging_path_again(h: Harness) -> 
     assert h.leftovers() == []
 
 
+def test_unstage_mounts_the_staging_path_again_when_another_namespace_holds_it(
+    h: Harness,
+) -> None:
+    """Seen on the real kernel: a pod's bind in its own mount namespace shares the staging
+    mount's single open, so it shows only once unstage has unmounted the staging path."""
+    pv = h.provision(size=64 * MiB)
+    staging = h.k.stage(pv)
+    names = h.volumes.names(pv.volume_id)
+    h.host.other_namespaces.add(names.mapping)
+    details = fails(lambda: h.k.unstage(pv), grpc.StatusCode.FAILED_PRECONDITION)
+    assert "open 1 more time(s)" in details
+    assert h.host.mount_source(staging) == names.mapper_device
+    assert h.record(pv.volume_id).state == STAGED
+    h.host.other_namespaces.clear()
+    h.k.unstage(pv)
+    h.provisioner.delete(pv.volume_id)
+    assert h.leftovers() == []
+
+
+def test_inline_unpublish_mounts_the_target_again_when_another_namespace_holds_it(
+    harness: Harness,
+) -> None:
+    harness.publish(attributes=SIZE)
+    names, target = harness.names(), harness.target()
+    harness.host.other_namespaces.add(names.mapping)
+    fails(harness.unpublish, grpc.StatusCode.FAILED_PRECONDITION)
+    assert harness.host.mount_source(target) == names.mapper_device
+    assert harness.record(harness.volume_id()).state == PUBLISHED
+    harness.host.other_namespaces.clear()
+    harness.unpublish()
+    assert harness.leftovers() == []
+
+
 def test_unstage_refuses_before_unmounting_when_the_kernel_sees_a_user(h: Harness) -> None:
     pv = h.provision(size=64 * MiB)
     staging = h.k.stage(pv)
@@ -157,6 +190,8 @@ def test_a_lost_journal_keeps_a_block_volume_bound_into_a_pod(h: Harness) -> Non
     assert names.backing in h.host.files
     assert h.host.loop_find(names.backing) is not None
     assert h.host.mounts[target].device == names.mapper_device
+    h.k.unpublish_pvc(pv, "pod-a")  # no record: the device bind is still recognised as ours
+    assert target not in h.host.mounts and target not in h.host.files
 
 
 # --- item 5: OS errors are typed, one bad volume stops nothing ------------------------------
@@ -226,9 +261,14 @@ def test_teardown_removes_cryptsetup_leftovers_before_detaching(harness: Harness
     names = harness.names()
     loop = harness.host.loop_find(names.backing)
     assert loop is not None
-    harness.host.temporary["temporary-cryptsetup-1234"] = loop
+    # an integrity format stacks cryptsetup's crypt mapping on its integrity mapping
+    harness.host.temporary["temporary-cryptsetup-1234_dif"] = loop
+    below = "/dev/mapper/temporary-cryptsetup-1234_dif"
+    harness.host.temporary["temporary-cryptsetup-1234"] = below
     harness.unpublish()
-    assert "remove_temporary_mapping temporary-cryptsetup-1234" in harness.host.calls
+    removed = [c for c in harness.host.calls if c.startswith("remove_temporary_mapping")]
+    assert removed == ["remove_temporary_mapping temporary-cryptsetup-1234",
+                       "remove_temporary_mapping temporary-cryptsetup-1234_dif"]
     assert harness.host.temporary == {} and harness.host.loops == {}
 
 
