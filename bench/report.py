@@ -27,7 +27,14 @@ GOAL_TITLES = {
     "concurrency_speedup_16": "16 publishes: sequential / concurrent wall, mean (0 errors)",
     "alloc_10g_mib": "allocated on disk right after publishing 10 GiB (loop)",
     "rss_50_volumes_mib": "driver RSS with 50 volumes published",
+    "integrity_2g_vs_256m": "integrity (hmac-sha256) publish p50, 2 GiB / 256 MiB",
 }
+INTEGRITY_TITLES = {
+    "integrity_small": "integrity=hmac-sha256",
+    "integrity_large": "integrity=hmac-sha256",
+    "plain_small": "no integrity (reference)",
+}
+INTEGRITY_STEPS = ("format", "open", "mkfs", "mount")
 PUBLISH_STEPS = ("reserve", "create_backing", "attach", "format", "open", "mkfs", "mount", "record")
 UNPUBLISH_STEPS = ("unmount", "close", "detach", "delete", "forget")
 
@@ -203,6 +210,8 @@ def render(results: dict[str, Any]) -> str:
                 "",
             ]
 
+    out += integrity_section(results)
+
     mem = results.get("memory")
     if mem or results.get("rss_idle_mib") is not None:
         out += ["### Driver memory (VmRSS)", ""]
@@ -253,6 +262,65 @@ def render(results: dict[str, Any]) -> str:
     if notes:
         out += ["### Notes", ""] + [f"- {n}" for n in notes] + [""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def integrity_section(results: dict[str, Any]) -> list[str]:
+    integ = results.get("integrity")
+    if not integ:
+        return []
+    s = results["summary"]
+    measured = integ.get("measured", {})
+    when = measured.get("date")
+    out = [
+        f"### Integrity: publish cost against size ({integ.get('fs_type', 'ext4')}, "
+        f"{integ.get('cycles')} cycles per flow, interleaved)",
+        "",
+    ]
+    if when and when != s.get("date"):
+        out += [
+            f"Measured on its own by `bench/run.py --only integrity` on {when}, kernel "
+            f"{measured.get('kernel')}"
+            + (", under software emulation" if measured.get("emulated") else "")
+            + ".",
+            "",
+        ]
+    rows = []
+    for name, flow in integ.get("flows", {}).items():
+        st = flow.get("stats", {})
+        steps = flow.get("step_means_s", {})
+        rows.append(
+            [
+                INTEGRITY_TITLES.get(name, name),
+                str(flow.get("size")),
+                fmt(st.get("publish_p50_s")),
+                fmt(st.get("publish_p95_s")),
+                fmt(st.get("unpublish_p50_s")),
+                *[fmt(steps.get(step), 3) for step in INTEGRITY_STEPS],
+                fmt(st.get("alloc_p50_mib"), 1),
+                str(len(flow.get("errors", []))),
+            ]
+        )
+    out += table(
+        [
+            "volume",
+            "size",
+            "publish p50 s",
+            "publish p95 s",
+            "unpublish p50 s",
+            *[f"{step} s" for step in INTEGRITY_STEPS],
+            "allocated MiB",
+            "errors",
+        ],
+        rows,
+    )
+    out += [
+        f"Integrity publish p50, 2 GiB / 256 MiB: **{fmt(s.get('integrity_2g_vs_256m'), 2, 'x')}** "
+        f"(goal <= 2x; the wipe alone would grow 8x); integrity / no integrity at 256 MiB: "
+        f"{fmt(s.get('integrity_256m_vs_plain_256m'), 2, 'x')}. Step times are means of "
+        "each publish's own `luks_ephemeral_step_seconds`.",
+        "",
+    ]
+    return out
 
 
 def footprint_row(title: str, f: dict[str, Any]) -> list[str]:

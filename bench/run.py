@@ -22,6 +22,14 @@ footprint    blocks allocated in the backing file of a freshly published 10 GiB 
              direct I/O. For qcow2 the bench runs its own qemu-storage-daemon (a daemon of its
              own, as the chart's sidecar is) and starts the driver with --qsd-socket.
 memory       the driver's RSS idle and with 50 small (64 MiB) volumes published.
+integrity    publish of integrity=hmac-sha256 filesystem volumes of 256 MiB and 2 GiB (and, for
+             reference, a 256 MiB volume without integrity), interleaved round-robin, with the
+             driver's time per step for each publish. dm-integrity's format-time wipe writes
+             the whole device (8x the work for 2 GiB); filesystems skip it and write their
+             metadata instead, so the goal is a 2 GiB publish within 2x of a 256 MiB one.
+
+``--only PHASE[,PHASE]`` runs just those phases and merges their sections into the existing
+results file (the other sections, measured by an earlier run, are kept as they were).
 
 Absolute times under software emulation (QEMU TCG) are 10-50x those of real hardware: read the
 ratios. The handrun baseline is the exact argv the driver ran in a first audit publish (its
@@ -58,6 +66,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from csi.host.nbd import node_name
 from csi.journal import Names
 from csi.params import parse_quantity
@@ -68,8 +78,14 @@ REPO = Path(__file__).resolve().parents[1]
 MiB = 1024**2
 GiB = 1024**3
 COMMAND_TIMEOUT = 900.0
-PHASES = ("latency", "concurrency", "footprint", "memory")
+PHASES = ("latency", "concurrency", "footprint", "memory", "integrity")
 FLOWS = ("ours", "floor", "handrun", "conventional")
+# Top-level results keys each phase writes (for --only, which merges them into an old file).
+PHASE_KEYS = {
+    "latency": ("latency", "handrun_script", "datapath_baselines", "mkfs_default"),
+    "footprint": ("footprint", "datapath"),
+    "memory": ("memory", "rss_idle_mib"),
+}
 
 # Goals (issue: make bench). A ratio goal compares p50 publish latencies.
 GOAL_HANDRUN_MAX = 1.15
@@ -77,6 +93,8 @@ GOAL_CONVENTIONAL_MIN = 5.0
 GOAL_SPEEDUP_MIN = 1.5
 GOAL_ALLOC_MAX_MIB = 16.0
 GOAL_RSS_MAX_MIB = 80.0
+GOAL_INTEGRITY_MAX = 2.0  # integrity publish p50: 2 GiB / 256 MiB
+UNPUBLISH_TRIES = 30  # integrity phase: a FAILED_PRECONDITION (busy) unpublish is retried
 
 # Same environment the driver gives its commands (csi/host/runner.py): a fixed PATH and locale,
 # and libdevmapper creates /dev/mapper nodes itself where no udev runs.
@@ -436,9 +454,18 @@ class Driver:
         return Names.of(Kubelet.volume_id(pod, name), str(self.data_dir), str(self.state_dir))
 
     def publish(
-        self, pod: str, size: str, name: str = "scratch", backing: str | None = None
+        self,
+        pod: str,
+        size: str,
+        name: str = "scratch",
+        backing: str | None = None,
+        integrity: str | None = None,
     ) -> None:
-        attributes = {"size": size} if backing is None else {"size": size, "backing": backing}
+        attributes = {"size": size}
+        if backing is not None:
+            attributes["backing"] = backing
+        if integrity is not None:
+            attributes["integrity"] = integrity
         self.k.publish(InlineVolume(pod, name, attributes))
 
     def unpublish(self, pod: str, name: str = "scratch") -> None:
@@ -1276,6 +1303,124 @@ def memory_phase(driver: Driver, n: int, size: str, idle: dict[str, int]) -> dic
     }
 
 
+@dataclass(frozen=True)
+class IntegrityFlow:
+    name: str
+    size: str
+    integrity: str | None  # None: a volume without integrity, for reference
+
+
+def integrity_flows(small: str, large: str) -> list[IntegrityFlow]:
+    return [
+        IntegrityFlow("integrity_small", small, "hmac-sha256"),
+        IntegrityFlow("integrity_large", large, "hmac-sha256"),
+        IntegrityFlow("plain_small", small, None),
+    ]
+
+
+def step_delta(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    """Seconds per step between two scrapes of luks_ephemeral_step_seconds (one publish)."""
+    out = {}
+    for step, (total, count) in after.items():
+        t0, c0 = before.get(step, (0.0, 0.0))
+        if count > c0:
+            out[step] = total - t0
+    return out
+
+
+def integrity_phase(
+    driver: Driver, small: str, large: str, cycles: int, warmup: int
+) -> dict[str, Any]:
+    """Publish + unpublish of integrity filesystem volumes of two sizes (and one without
+    integrity), round-robin, rotated by one flow each round; each publish's own step times
+    come from scraping the driver's step metric around it (publishes run one at a time)."""
+    flows = integrity_flows(small, large)
+    samples: dict[str, list[Sample]] = {f.name: [] for f in flows}
+    errors: dict[str, list[str]] = {f.name: [] for f in flows}
+    retries: dict[str, int] = {f.name: 0 for f in flows}
+
+    def unpublish(flow: IntegrityFlow, pod: str) -> None:
+        """As kubelet does: a busy mapping (udev's blkid still probing it, say) is retried."""
+        for attempt in range(UNPUBLISH_TRIES):
+            try:
+                driver.unpublish(pod)
+                return
+            except grpc.RpcError as exc:
+                busy = exc.code() == grpc.StatusCode.FAILED_PRECONDITION
+                if not busy or attempt == UNPUBLISH_TRIES - 1:
+                    raise
+                retries[flow.name] += 1
+                time.sleep(1.0)
+
+    def cycle(flow: IntegrityFlow) -> Sample:
+        pod = str(uuid.uuid4())
+        try:
+            before = driver.scrape_steps()
+            start = time.perf_counter()
+            driver.publish(pod, flow.size, integrity=flow.integrity)
+            published = time.perf_counter()
+            steps = step_delta(before, driver.scrape_steps())
+            alloc = allocated(driver.names(pod).backing)
+            unstart = time.perf_counter()
+            unpublish(flow, pod)
+            done = time.perf_counter()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                unpublish(flow, pod)
+            raise
+        return Sample(published - start, done - unstart, alloc, steps)
+
+    for w in range(warmup):
+        say(f"integrity: warm-up round {w + 1}/{warmup}")
+        for flow in flows:
+            cycle(flow)
+    for i in range(cycles):
+        rotated = flows[i % len(flows) :] + flows[: i % len(flows)]
+        for flow in rotated:
+            try:
+                samples[flow.name].append(cycle(flow))
+            except Exception as exc:
+                errors[flow.name].append(f"cycle {i}: {exc}")
+                say(f"integrity: {flow.name} ({flow.size}) cycle {i} failed: {exc}")
+        line = ", ".join(
+            f"{f.name} {samples[f.name][-1].publish:.2f}s" for f in flows if samples[f.name]
+        )
+        say(f"integrity: round {i + 1}/{cycles}: {line}")
+    result: dict[str, Any] = {
+        "order": "round-robin, rotated by one flow each round",
+        "cycles": cycles,
+        "warmup": warmup,
+        "fs_type": "ext4",
+        "flows": {},
+    }
+    for flow in flows:
+        result["flows"][flow.name] = {
+            "size": flow.size,
+            "integrity": flow.integrity or "none",
+            "stats": flow_stats(samples[flow.name]),
+            "step_means_s": step_means(samples[flow.name]),
+            "errors": errors[flow.name],
+            "unpublish_busy_retries": retries[flow.name],
+            "samples": [s.to_json() for s in samples[flow.name]],
+        }
+
+    def p50(name: str) -> float | None:
+        v = result["flows"][name]["stats"].get("publish_p50_s")
+        return float(v) if v is not None else None
+
+    result["large_vs_small_p50"] = ratio(p50("integrity_large"), p50("integrity_small"))
+    result["integrity_vs_plain_small_p50"] = ratio(p50("integrity_small"), p50("plain_small"))
+    result["errors"] = sum(len(e) for e in errors.values())
+    say(
+        f"integrity: publish p50 {small} {p50('integrity_small')} s, {large} "
+        f"{p50('integrity_large')} s ({result['large_vs_small_p50']}x), without integrity "
+        f"{small} {p50('plain_small')} s"
+    )
+    return result
+
+
 def _quiet(action: Callable[[], None]) -> None:
     with contextlib.suppress(Exception):
         action()
@@ -1302,6 +1447,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     foot = results.get("footprint", {})
     qcow2 = foot.get("qcow2") or {}
     mem = results.get("memory", {})
+    integ = results.get("integrity", {})
+    integ_flows = integ.get("flows", {})
+
+    def integ_p50(flow: str) -> float | None:
+        v = integ_flows.get(flow, {}).get("stats", {}).get("publish_p50_s")
+        return float(v) if v is not None else None
+
     summary: dict[str, Any] = {
         "publish_vs_handrun_p50": ratio(p50("ours"), p50("handrun")),
         "conventional_vs_ours_p50": ratio(p50("conventional"), p50("ours")),
@@ -1317,6 +1469,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "qcow2_unpublish_vs_loop": ratio(qcow2.get("unpublish_s"), foot.get("unpublish_s")),
         "rss_idle_mib": mem.get("rss_idle_mib", results.get("rss_idle_mib")),
         "rss_50_volumes_mib": mem.get("rss_with_volumes_mib"),
+        # integrity=hmac-sha256 filesystem volumes (keys name the sizes the bench uses)
+        "integrity_2g_vs_256m": integ.get("large_vs_small_p50"),
+        "integrity_publish_256m_p50_s": integ_p50("integrity_small"),
+        "integrity_publish_2g_p50_s": integ_p50("integrity_large"),
+        "plain_publish_256m_p50_s": integ_p50("plain_small"),
+        "integrity_256m_vs_plain_256m": integ.get("integrity_vs_plain_small_p50"),
         "kernel": env["kernel"],
         "emulated": env["emulated"],
         "date": results["date"],
@@ -1333,9 +1491,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         ),
         "alloc_10g_mib": goal(summary["alloc_10g_mib"], GOAL_ALLOC_MAX_MIB, True, " MiB"),
         "rss_50_volumes_mib": goal(summary["rss_50_volumes_mib"], GOAL_RSS_MAX_MIB, True, " MiB"),
+        "integrity_2g_vs_256m": goal(
+            summary["integrity_2g_vs_256m"], GOAL_INTEGRITY_MAX, True, "x"
+        ),
     }
     if conc and conc.get("errors"):
         summary["goals"]["concurrency_speedup_16"]["met"] = False  # zero errors is part of it
+    if integ and integ.get("errors"):
+        summary["goals"]["integrity_2g_vs_256m"]["met"] = False  # every publish must work
     return summary
 
 
@@ -1399,14 +1562,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}"
     )
+    parser.add_argument(
+        "--only",
+        default="",
+        help="run only these phases (comma-separated) and merge their sections into the "
+        "existing --out file, keeping every other section as it was",
+    )
+    parser.add_argument(
+        "--integrity-sizes",
+        default="256Mi,2Gi",
+        help="small,large integrity=hmac-sha256 volumes of the integrity phase (256Mi,2Gi)",
+    )
+    parser.add_argument(
+        "--integrity-cycles", type=int, default=3, help="integrity phase cycles per flow (3)"
+    )
     parser.add_argument("--work-dir", default="/tmp", help="where the node-disk image goes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args(argv)
-    phases = [p for p in args.phases.split(",") if p]
+    args.merge = bool(args.only)
+    phases = [p for p in (args.only or args.phases).split(",") if p]
     unknown = sorted(set(phases) - set(PHASES))
     if unknown:
         parser.error(f"unknown phase(s): {', '.join(unknown)}")
+    if not phases:
+        parser.error("no phase to run")
     args.phases = phases
+    sizes = [x for x in args.integrity_sizes.split(",") if x]
+    if len(sizes) != 2:
+        parser.error("--integrity-sizes takes two sizes: small,large")
+    args.integrity_small, args.integrity_large = sizes
+    if args.integrity_cycles < 1:
+        parser.error("--integrity-cycles must be at least 1")
     if args.cycles < 1:
         parser.error("--cycles must be at least 1")
     if args.concurrency_repeats < 1 or args.concurrency < 1:
@@ -1433,6 +1619,8 @@ def main(argv: list[str] | None = None) -> int:
             "footprint_size": args.footprint_size,
             "volumes": args.volumes,
             "volume_size": args.volume_size,
+            "integrity_sizes": [args.integrity_small, args.integrity_large],
+            "integrity_cycles": args.integrity_cycles,
             "phases": args.phases,
         },
         "environment": detect_environment(),
@@ -1458,8 +1646,9 @@ def main(argv: list[str] | None = None) -> int:
             d.mkdir(parents=True)
         audit_run = run_dir / "audit"
         audit_run.mkdir()
-        say("audit: one publish with a DEBUG driver to capture the commands it runs")
-        results["handrun_script"] = audit(base, audit_run, driver_dir, args.size)
+        if not args.merge or "latency" in args.phases:  # only the latency phase replays it
+            say("audit: one publish with a DEBUG driver to capture the commands it runs")
+            results["handrun_script"] = audit(base, audit_run, driver_dir, args.size)
         # Whatever the phases, the driver runs as the chart's default (qcow2.enabled) runs it,
         # with --qsd-socket, whenever qemu-storage-daemon can run here: same config every run.
         qcow2_reason = qcow2_unavailable()
@@ -1509,6 +1698,20 @@ def main(argv: list[str] | None = None) -> int:
             )
         if "memory" in args.phases:
             results["memory"] = memory_phase(driver, args.volumes, args.volume_size, idle)
+        if "integrity" in args.phases:
+            results["integrity"] = integrity_phase(
+                driver,
+                args.integrity_small,
+                args.integrity_large,
+                args.integrity_cycles,
+                args.warmup,
+            )
+            results["integrity"]["measured"] = {
+                "date": results["date"],
+                "kernel": env["kernel"],
+                "emulated": env["emulated"],
+                "cpus": env["cpus"],
+            }
     except Exception as exc:
         status = 1
         results["error"] = f"{type(exc).__name__}: {exc}"
@@ -1529,8 +1732,10 @@ def main(argv: list[str] | None = None) -> int:
                 data.close()
             shutil.rmtree(base, ignore_errors=True)
             shutil.rmtree(run_dir, ignore_errors=True)
+    if args.merge and status == 0:
+        results = merged(args.out, results, args.phases)
     results["summary"] = summarise(results)
-    results["notes"] += notes(results)
+    results["notes"] = notes(results)
     text = json.dumps(results, indent=2) + "\n"
     if status != 0:
         # a failed run never replaces the results of a good one: print them instead
@@ -1543,6 +1748,31 @@ def main(argv: list[str] | None = None) -> int:
     say(f"wrote {args.out}")
     print(json.dumps(results["summary"], indent=2), flush=True)
     return status
+
+
+def merged(path: Path, fresh: dict[str, Any], phases: Sequence[str]) -> dict[str, Any]:
+    """``--only``: the results file as it was, with the sections of ``phases`` (and their
+    config) taken from this run; without a readable file, this run's results alone."""
+    try:
+        old: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        say(f"--only: {path} not readable ({exc}); writing this run's results alone")
+        return fresh
+    out = dict(old)
+    for phase in phases:
+        for key in PHASE_KEYS.get(phase, (phase,)):
+            if key in fresh:
+                out[key] = fresh[key]
+    config = dict(old.get("config", {}))
+    for key in ("integrity_sizes", "integrity_cycles"):
+        if "integrity" in phases:
+            config[key] = fresh["config"][key]
+    config["phases"] = sorted(set(config.get("phases", [])) | set(phases), key=PHASES.index)
+    config.setdefault("merged_runs", []).append(
+        {"date": fresh["date"], "phases": list(phases), "kernel": fresh["environment"]["kernel"]}
+    )
+    out["config"] = config
+    return out
 
 
 def notes(results: dict[str, Any]) -> list[str]:
@@ -1576,6 +1806,17 @@ def notes(results: dict[str, Any]) -> list[str]:
             "The driver ran with --qsd-socket (as with the chart's default qcow2.enabled), "
             "pointing at a qemu-storage-daemon the bench ran as its own daemon; loop volumes "
             "never talk to it (their teardown skips the NBD step)."
+        )
+    integ = results.get("integrity")
+    if integ:
+        when = integ.get("measured", {}).get("date")
+        out.append(
+            "Integrity: integrity=hmac-sha256 ext4 volumes are formatted without the "
+            "dm-integrity wipe (--integrity-no-wipe) and made with eager metadata "
+            "(lazy_itable_init=0, lazy_journal_init=0); p50 of "
+            f"{integ.get('cycles')} publishes per size, interleaved"
+            + (f", measured {when}" if when and when != results.get("date") else "")
+            + "; the step times are each publish's own."
         )
     foot = results.get("footprint")
     if foot:

@@ -196,7 +196,9 @@ def key_bits(spec: VolumeSpec) -> int:
 def needs_integrity_wipe(spec: VolumeSpec) -> bool:
     """dm-integrity fails reads of sectors whose tags were never written. A block volume's
     reader may read anything, so its device is wiped at format time (cost O(size)); a
-    filesystem made eagerly (``eager_mkfs``) only reads what it wrote, so it skips the wipe."""
+    filesystem made eagerly (``eager_mkfs``: the blocks mkfs writes in part and the probed
+    regions are zeroed first, then all metadata is written) only reads what was written, so
+    it skips the wipe."""
     return spec.integrity != "none" and spec.access_type != "mount"
 
 

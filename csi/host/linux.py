@@ -8,6 +8,7 @@ import functools
 import glob
 import inspect
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -124,6 +125,24 @@ def _typed_os_errors(method: Callable[..., R]) -> Callable[..., R]:
             raise typed_os_error(exc, f"{method.__name__} {subject}".strip()) from None
 
     return wrapper
+
+
+ZERO_CHUNK = 1 << 20
+EXT4_GROUP_BYTES = 32768 * 4096  # one ext4 block group at 4 KiB blocks (-b 4096 pins it)
+XFS_AG_HEAD_BYTES = 128 * 1024  # xfs_repair reads 4 x 32 KiB at each allocation group's start
+PREFILL_HEAD, PREFILL_TAIL = 1 << 20, 2 << 20  # blkid's probers read up to ~1.5 MiB from the end
+
+
+def unwiped_prefill(fs_type: str, size: int) -> tuple[list[tuple[int, int]], list[str]]:
+    """Byte ranges to zero on an unwiped dm-integrity device before mkfs, and the mkfs
+    arguments that pin the layout they assume. About 3 MiB, plus 4 KiB per 128 MiB (ext4)."""
+    ranges = [(0, PREFILL_HEAD), (max(0, size - PREFILL_TAIL) // 4096 * 4096, PREFILL_TAIL)]
+    if fs_type == "ext4":
+        ranges += [(s, 4096) for s in range(EXT4_GROUP_BYTES, size, EXT4_GROUP_BYTES)]
+        return ranges, ["-b", "4096"]
+    agsize = min(1 << 40, (size // 4 + 4095) // 4096 * 4096)  # 4 AGs, as mkfs.xfs would pick
+    ranges += [(s, XFS_AG_HEAD_BYTES) for s in range(agsize, size, agsize)]
+    return ranges, ["-d", f"agsize={agsize}"]
 
 
 class LinuxHost:
@@ -407,18 +426,42 @@ class LinuxHost:
 
     # filesystems -------------------------------------------------------------------------
     def mkfs(self, device: str, fs_type: str, *, eager: bool = False) -> None:
-        """``eager`` writes every metadata block now (inode tables, journal), so the filesystem
-        never reads a sector it did not write: needed on an unwiped dm-integrity device, where
-        such a read fails with EIO."""
+        """``eager`` is for an unwiped dm-integrity device, where reading a sector that was
+        never written fails with EIO: first zero the blocks mkfs writes only in part (its
+        superblocks are 1 KiB writes into 4 KiB blocks, which the kernel must read first) and
+        the regions blkid and fsck probe, pinning the layout those ranges assume; then make the
+        filesystem writing every metadata block now (inode tables, journal)."""
+        extra: list[str] = []
+        if eager:
+            ranges, extra = unwiped_prefill(fs_type, self.device_size(device))
+            self._zero(device, ranges)
         if fs_type == "ext4":
             lazy = "0" if eager else "1"
             extended = f"lazy_itable_init={lazy},lazy_journal_init={lazy},nodiscard"
-            run(["mkfs.ext4", "-F", "-q", "-m", "0", "-E", extended, device],
+            run(["mkfs.ext4", "-F", "-q", "-m", "0", *extra, "-E", extended, device],
                 timeout=FORMAT_TIMEOUT if eager else DEFAULT_TIMEOUT)  # fmt: skip
         elif fs_type == "xfs":
-            run(["mkfs.xfs", "-f", "-q", "-K", device])
+            run(["mkfs.xfs", "-f", "-q", "-K", *extra, device])
         else:
             raise Internal(f"no mkfs for {fs_type}")
+
+    def _zero(self, device: str, ranges: list[tuple[int, int]]) -> None:
+        """Write zeros over byte ranges of a block device, with O_DIRECT (page-aligned buffer)."""
+        fd = os.open(device, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+        zeros = mmap.mmap(-1, ZERO_CHUNK)
+        try:
+            size = os.lseek(fd, 0, os.SEEK_END)
+            with memoryview(zeros) as view:
+                for start, length in ranges:
+                    pos, end = start, min(size, start + length)
+                    while pos < end:
+                        pos += os.pwritev(fd, [view[: min(ZERO_CHUNK, end - pos)]], pos)
+            os.fsync(fd)
+        except OSError as exc:
+            raise Internal(f"cannot zero the metadata blocks of {device}: {exc.strerror}") from None
+        finally:
+            zeros.close()
+            os.close(fd)
 
     def mount(self, source: str, target: str, fs_type: str, options: list[str]) -> None:
         opts = list(options)
