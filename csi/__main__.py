@@ -18,7 +18,7 @@ from csi import __version__, hardening, logs
 from csi.config import Config, add_flags, from_args
 from csi.controller import ControllerServicer
 from csi.errors import DriverError
-from csi.host import Host
+from csi.host import NodeHost
 from csi.host.linux import LinuxHost
 from csi.host.nbd import Qcow2Nbd
 from csi.identity import IdentityServicer
@@ -120,7 +120,7 @@ def serve(config: Config) -> int:
 def run(
     config: Config,
     stop: threading.Event,
-    host: Host | None = None,
+    host: NodeHost | None = None,
     environ: dict[str, str] | None = None,
 ) -> int:
     """Start everything ``config`` asks for, serve until ``stop`` is set, then shut down.
@@ -134,7 +134,7 @@ def run(
 
 
 def _run_locked(
-    config: Config, stop: threading.Event, host: Host | None, environ: dict[str, str]
+    config: Config, stop: threading.Event, host: NodeHost | None, environ: dict[str, str]
 ) -> int:
     cluster = None
     registry = CollectorRegistry()

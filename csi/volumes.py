@@ -27,7 +27,7 @@ from csi.errors import (
     NotFound,
     ResourceExhausted,
 )
-from csi.host import FsStats, Host, LuksFormat
+from csi.host import FsStats, LuksFormat, NodeHost
 from csi.journal import (
     CREATING,
     HALF_DONE,
@@ -213,7 +213,7 @@ class Volumes:
     def __init__(
         self,
         config: Config,
-        host: Host,
+        host: NodeHost,
         journal: Journal | None = None,
         *,
         key_source: KeySource = random_key,
