@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
-from csi.errors import Aborted, DriverError, FailedPrecondition, Internal, ResourceExhausted
+from csi.errors import DriverError, FailedPrecondition, Internal, ResourceExhausted
 from csi.params import VolumeSpec
 
 log = logging.getLogger(__name__)
@@ -542,23 +542,3 @@ def _write_failed(volume_id: str, path: str, exc: OSError) -> DriverError:
         f"cannot write the journal record of volume {volume_id} to {where}: {exc.strerror}; "
         "nothing was written"
     )
-
-
-class VolumeLocks:
-    """One lock per volume id; a second caller gets ABORTED instead of waiting."""
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._held: set[str] = set()
-
-    @contextlib.contextmanager
-    def hold(self, volume_id: str) -> Iterator[None]:
-        with self._guard:
-            if volume_id in self._held:
-                raise Aborted(f"an operation on volume {volume_id} is already in progress; retry")
-            self._held.add(volume_id)
-        try:
-            yield
-        finally:
-            with self._guard:
-                self._held.discard(volume_id)

@@ -27,6 +27,7 @@ from csi.errors import (
     NotFound,
     ResourceExhausted,
 )
+from csi.gate import NodeGate
 from csi.host import FsStats, LuksFormat, NodeHost
 from csi.journal import (
     CREATING,
@@ -39,7 +40,6 @@ from csi.journal import (
     Journal,
     Names,
     Record,
-    VolumeLocks,
 )
 from csi.keys import PASSPHRASE_BYTES, KeySource, random_key
 from csi.params import VolumeSpec, format_bytes, quoted
@@ -227,7 +227,7 @@ class Volumes:
         self.after_step = after_step or (lambda step: None)
         self.events = events or Events()
         self.journal.on_set_aside = self.events.record_set_aside
-        self.locks = VolumeLocks()
+        self.locks = NodeGate()
         self._capacity = threading.Lock()
 
     # validation --------------------------------------------------------------------------

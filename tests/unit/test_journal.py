@@ -8,12 +8,11 @@ import json
 import logging
 import os
 import stat
-import threading
 from pathlib import Path
 
 import pytest
 
-from csi.errors import Aborted, DriverError, FailedPrecondition, Internal, ResourceExhausted
+from csi.errors import DriverError, FailedPrecondition, Internal, ResourceExhausted
 from csi.journal import (
     CREATING,
     MAPPING_PREFIX,
@@ -22,7 +21,6 @@ from csi.journal import (
     Journal,
     Names,
     Record,
-    VolumeLocks,
     volume_digest,
 )
 from csi.params import VolumeSpec
@@ -563,51 +561,3 @@ def test_names_never_contain_the_raw_volume_id() -> None:
     assert hostile not in n.backing + n.header + n.mapping
     assert os.path.dirname(n.backing) == "/data"
     assert os.path.dirname(n.header) == "/state/headers"
-
-
-# locks -------------------------------------------------------------------------------------
-def test_second_hold_of_the_same_volume_is_aborted() -> None:
-    locks = VolumeLocks()
-    with locks.hold("vol-1"):
-        with pytest.raises(Aborted) as err:
-            with locks.hold("vol-1"):
-                pytest.fail("the second hold must not be entered")
-        assert "vol-1" in str(err.value)
-        with locks.hold("vol-2"):  # another volume is independent
-            pass
-    with locks.hold("vol-1"):  # released on exit
-        pass
-
-
-def test_hold_from_another_thread_is_aborted_not_blocked() -> None:
-    locks = VolumeLocks()
-    outcome: list[BaseException | None] = []
-
-    def other() -> None:
-        try:
-            with locks.hold("vol-1"):
-                outcome.append(None)
-        except Aborted as exc:
-            outcome.append(exc)
-
-    with locks.hold("vol-1"):
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join(5)
-        assert not thread.is_alive()
-    assert len(outcome) == 1
-    assert isinstance(outcome[0], Aborted)
-
-
-def test_lock_is_released_after_an_exception() -> None:
-    locks = VolumeLocks()
-    with pytest.raises(RuntimeError), locks.hold("vol-1"):
-        raise RuntimeError("boom")
-    with locks.hold("vol-1"):
-        with pytest.raises(Aborted):
-            with locks.hold("vol-1"):
-                pass
-    with pytest.raises(KeyboardInterrupt), locks.hold("vol-1"):
-        raise KeyboardInterrupt  # even a BaseException releases it
-    with locks.hold("vol-1"):
-        pass
