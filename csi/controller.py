@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import grpc
 
-from csi.capability import Capability, capabilities_of, capability_of
+from csi.capability import Capability
 from csi.errors import InvalidArgument
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
 from csi.provision import CreateRequest, Provisioner
 from csi.rpc import handles_errors
+from csi.wire import capabilities_of, capability_of
 
 RpcType = pb.ControllerServiceCapability.RPC.Type
 CAPABILITIES = (RpcType.CREATE_DELETE_VOLUME, RpcType.GET_CAPACITY, RpcType.EXPAND_VOLUME)

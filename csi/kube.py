@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # the client takes seconds to import: load it only when API a
 
 from csi import __version__
 from csi.config import Config
-from csi.node import PodRef
+from csi.pods import PodRef
 
 log = logging.getLogger(__name__)
 

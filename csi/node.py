@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 
-from csi.capability import Mode, capability_of, check_access_mode, required_capability
 from csi.config import Config
 from csi.errors import DriverError, InvalidArgument, NotFound, ResourceExhausted
 from csi.params import VolumeSpec, check_combination, parse_attributes
+from csi.pods import Notify as Notify  # re-exported until csi.__main__ imports csi.pods
+from csi.pods import no_notify as no_notify  # re-exported until csi.__main__ imports csi.pods
+from csi.pods import pod_of
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
 from csi.rpc import handles_errors
 from csi.staged import ExpandRequest, StagedVolumes, StageRequest, TargetRequest
 from csi.volumes import PublishRequest, Volumes, is_provisioned_id
+from csi.wire import Mode, capability_of, check_access_mode, required_capability
 
 TOPOLOGY_KEY_SUFFIX = "/node"
 EPHEMERAL = "csi.storage.k8s.io/ephemeral"
@@ -31,37 +32,11 @@ RpcType = pb.NodeServiceCapability.RPC.Type
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class PodRef:
-    """The pod a request is for, as kubelet names it in the volume context."""
-
-    namespace: str
-    name: str
-    uid: str
-
-
-# Tells the pod's owner about a refusal they must act on: (pod, reason, message).
-Notify = Callable[[PodRef, str, str], None]
-
 # Refusals worth an event on the pod, and the event's reason.
 EVENT_REASONS: dict[type[DriverError], str] = {
     InvalidArgument: "InvalidVolumeParameter",
     ResourceExhausted: "CapacityExhausted",
 }
-
-
-def no_notify(pod: PodRef, reason: str, message: str) -> None:
-    """The default notifier: without API access there is nobody to tell."""
-
-
-def pod_of(volume_context: dict[str, str]) -> PodRef | None:
-    """The pod named by kubelet's ``csi.storage.k8s.io/pod.*`` keys, if it names one."""
-    namespace = volume_context.get("csi.storage.k8s.io/pod.namespace", "")
-    name = volume_context.get("csi.storage.k8s.io/pod.name", "")
-    uid = volume_context.get("csi.storage.k8s.io/pod.uid", "")
-    if not namespace or not name or len(namespace) > 63 or len(name) > 253 or len(uid) > 128:
-        return None  # not a real pod's name: no event that would repeat a hostile value
-    return PodRef(namespace, name, uid)
 
 
 def topology_key(driver_name: str) -> str:

@@ -19,7 +19,7 @@ from csi.__main__ import build_server
 from csi.config import DEFAULT_DRIVER_NAME
 from csi.metrics import Metrics, MetricsServer
 from csi.metrics import serve as serve_metrics
-from csi.node import Notify, no_notify
+from csi.pods import Notify, no_notify
 from csi.proto import csi_pb2_grpc
 from csi.tools.kubelet import Kubelet, Provisioner
 from csi.volumes import Volumes

@@ -13,7 +13,7 @@ import pytest
 from csi.__main__ import ClusterIntegration
 from csi.config import Config
 from csi.kube import OFF_MESSAGE, KubeApi, KubeError, PodEvents
-from csi.node import PodRef, no_notify
+from csi.pods import PodRef, no_notify
 from csi.volumes import Volumes
 from tests.unit.harness import code_of
 from tests.unit.metrics_harness import FakeApiServer, MetricsHarness

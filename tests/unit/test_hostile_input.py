@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from csi.logs import JsonFormatter
-from csi.node import PodRef
+from csi.pods import PodRef
 from csi.proto import csi_pb2 as pb
 from csi.tools.kubelet import InlineVolume
 from tests.unit.harness import Harness, code_of
@@ -175,7 +175,7 @@ def test_an_unknown_access_mode_is_invalid_argument_not_internal(harness: Harnes
 def test_a_pod_name_no_pod_could_have_gets_no_event() -> None:
     """kubelet's pod keys are bounded like Kubernetes names; a longer one names no pod, so no
     event (and no API warning) repeats it."""
-    from csi.node import pod_of
+    from csi.pods import pod_of
 
     keys = {"csi.storage.k8s.io/pod.namespace": "default", "csi.storage.k8s.io/pod.uid": "u"}
     assert pod_of({**keys, "csi.storage.k8s.io/pod.name": "web-0"}) is not None
