@@ -81,6 +81,17 @@ class Names:
             header=os.path.join(state_dir, "headers", f"{digest}.hdr"),
         )
 
+    @classmethod
+    def of_digest(cls, digest: str, data_dir: str, state_dir: str) -> Names:
+        """The names of a volume known only by its digest (an object no record accounts for)."""
+        return cls(
+            volume_id=f"(no record, digest {digest})",
+            digest=digest,
+            mapping=MAPPING_PREFIX + digest,
+            backing=os.path.join(data_dir, f"{digest}.img"),
+            header=os.path.join(state_dir, "headers", f"{digest}.hdr"),
+        )
+
     @property
     def mapper_device(self) -> str:
         return f"/dev/mapper/{self.mapping}"

@@ -16,19 +16,19 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from csi.staged import EXPAND_STEPS, STAGE_STEPS
-from csi.staged import PUBLISH_STEPS as BIND_STEPS
-from csi.volumes import PUBLISH_STEPS, Events, Usage
+from csi import backings
+from csi.capacity import Usage
+from csi.steps import ALL_STEPS
+from csi.volumes import Events
 
 log = logging.getLogger(__name__)
 
 BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-TEARDOWN_STEPS = ("unmount", "close", "detach", "delete", "forget")
 ORPHAN_REASONS = (
     "backing_without_record", "mapping_without_record", "header_without_record", "pod_gone",
     "export_without_record",
 )  # fmt: skip
-BACKINGS = ("loop", "qcow2")
+BACKINGS = backings.names()
 ACCESS_TYPES = ("mount", "block")
 
 class Metrics(Events):
@@ -65,7 +65,7 @@ class Metrics(Events):
             registry=registry,
         )  # fmt: skip
         # export known series at 0, so rate() and absent-series alerts work from the first scrape
-        for step in (*PUBLISH_STEPS, *TEARDOWN_STEPS, *STAGE_STEPS, *BIND_STEPS, *EXPAND_STEPS):
+        for step in ALL_STEPS:
             self.step_failures.labels(step=step)
         for reason in ORPHAN_REASONS:
             self.orphans.labels(reason=reason)

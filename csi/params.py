@@ -13,12 +13,12 @@ from dataclasses import asdict, dataclass
 from decimal import ROUND_CEILING, Decimal, InvalidOperation, localcontext
 from typing import Any
 
+from csi import backings
+from csi.backings.luks import ATTACHED_HEADER_BYTES
 from csi.errors import InvalidArgument, OutOfRange
 
 MiB = 1024**2
-QCOW2_METADATA_BYTES = 2 * MiB
 ALIGN = MiB  # backing files are whole MiB: a multiple of the 4096-byte sector
-ATTACHED_HEADER_BYTES = MiB  # our compact LUKS2 metadata + keyslots, aligned to 1 MiB
 XFS_MIN_BYTES = 300 * MiB  # mkfs.xfs refuses smaller filesystems
 
 _SUFFIXES: dict[str, int] = {
@@ -38,7 +38,7 @@ MAX_MOUNT_FLAGS_LENGTH = 1024  # their characters in all
 
 CO_PREFIX = "csi.storage.k8s.io/"
 CHOICES: dict[str, tuple[str, ...]] = {
-    "backing": ("loop", "qcow2"),
+    "backing": backings.names(),
     "preallocate": ("true", "false"),
     "integrity": ("none", "hmac-sha256"),
     "header": ("detached", "attached"),
@@ -46,7 +46,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 DEFAULTS = {
     "size": "1Gi",
-    "backing": "loop",
+    "backing": backings.DEFAULT,
     "preallocate": "false",
     "integrity": "none",
     "header": "detached",
@@ -144,12 +144,9 @@ class VolumeSpec:
 
     @property
     def disk_bytes(self) -> int:
-        """Most bytes the backing can take on the node's disk once every block is written: a
-        qcow2 image adds its tables (8 bytes of L2 and 2 of refcount per 64 KiB cluster, plus
-        header and L1), bounded here generously by 1/4096 of the size plus 2 MiB."""
-        if self.backing == "qcow2":
-            return self.backing_bytes + self.backing_bytes // 4096 + QCOW2_METADATA_BYTES
-        return self.backing_bytes
+        """Most bytes the backing can take on the node's disk once every block is written (its
+        backing says: a qcow2 image adds its tables)."""
+        return backings.kind(self.backing).disk_bytes(self)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

@@ -28,10 +28,9 @@ from csi.errors import (
     NotFound,
     ResourceExhausted,
 )
+from csi.ids import check_growable_id, node_of, provisioned_id, sibling_ids
 from csi.journal import RESERVED, STAGED, Record
 from csi.params import (
-    ATTACHED_HEADER_BYTES,
-    QCOW2_METADATA_BYTES,
     XFS_MIN_BYTES,
     VolumeSpec,
     check_combination,
@@ -40,8 +39,7 @@ from csi.params import (
     size_from_range,
     volume_context,
 )
-from csi.staged import check_expandable
-from csi.volumes import Volumes, check_growable_id, node_of, provisioned_id, sibling_ids
+from csi.volumes import Volumes
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +206,7 @@ class Provisioner:
             if record is not None and record.state != RESERVED:
                 self.core.release_staged(record)  # a stage or unstage that died half-way
             else:
-                self.core.release(self.core.names(volume_id))
+                self.core.release_unknown(self.core.names(volume_id))
             self.journal.delete(volume_id)
             log.info("deleted volume %s", volume_id)
 
@@ -219,10 +217,7 @@ class Provisioner:
             return Capacity(0, None, None)
         config = self.config
         fields = parse_parameters(parameters, config.min_size, config.max_size)
-        overhead = ATTACHED_HEADER_BYTES if fields["header"] == "attached" else 0
-        room = max(0, self.core.room() - overhead)
-        if fields["backing"] == "qcow2":  # its tables: size/4096 + 2 MiB (VolumeSpec.disk_bytes)
-            room = max(0, room - QCOW2_METADATA_BYTES) * 4096 // 4097
+        room = self.core.capacity.largest_volume(VolumeSpec(**fields))  # its backing's overhead
         available = room // MiB * MiB
         return Capacity(available, min(config.max_size, available), config.min_size)
 
@@ -245,7 +240,7 @@ class Provisioner:
             record = self.journal.load(volume_id)
             if record is None:
                 raise NotFound(f"volume {volume_id} does not exist")
-            check_expandable(record.spec)
+            self.core.backing_of(record.spec).check_growable(record.spec)
             if size <= record.spec.size:
                 return Expanded(record.spec.size, False)
             if record.grow_to < size:

@@ -26,16 +26,17 @@ from csi.errors import (
     InvalidArgument,
     NotFound,
 )
+from csi.exposures import BindDevice, BindDirectory, Exposure
+from csi.ids import node_of
+from csi.inspect import paths_of
 from csi.journal import RESERVED, STAGED, STAGING, UNSTAGING, Names, Record
 from csi.params import VolumeSpec, check_combination, parse_attributes, size_from_range
-from csi.volumes import Volumes, eager_mkfs, node_of
+from csi.steps import BIND_STEPS, EXPAND_STEPS, STAGE_STEPS
+from csi.volumes import Volumes
 
 log = logging.getLogger(__name__)
 
-STAGE_STEPS = ("create_backing", "attach", "format", "open", "mkfs", "mount", "record")
-EXPAND_STEPS = ("reserve_growth", "grow_backing", "refresh_loop", "resize_mapping", "grow_fs",
-                "record")  # fmt: skip
-PUBLISH_STEPS = ("bind",)
+__all__ = ["BIND_STEPS", "EXPAND_STEPS", "STAGE_STEPS", "StagedVolumes"]
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,10 @@ class StagedVolumes:
         self.journal.write(record)  # intent first: start-up rolls a crash back from here
         names = self.core.names(record.volume_id)
         try:
-            self.core.open_volume(names, spec, keyring=False)
+            self.core.prepare(names, spec, keyring=False)
             if spec.access_type == MOUNT:
-                with self.core.timed_step("mkfs"):  # always: never trust what is on the device
-                    self.host.mkfs(names.mapper_device, spec.fs_type, eager=eager_mkfs(spec))
                 with self.core.timed_step("mount"):
-                    self._mount_staging(names, record)
+                    self.core.expose_primary(names, record)
             with self.core.timed_step("record"):
                 record.state = STAGED
                 self.journal.write(record)
@@ -158,9 +157,6 @@ class StagedVolumes:
         except Exception:
             log.exception("rollback of %s left objects behind; start-up will retry",
                           record.volume_id)  # fmt: skip
-
-    def _mount_staging(self, names: Names, record: Record) -> None:
-        self.core.mount_staging(names, record)
 
     def _restage(self, record: Record, request: StageRequest) -> None:
         """Staged already: OK if compatible and healthy (remount a lost staging mount)."""
@@ -177,14 +173,15 @@ class StagedVolumes:
                 f"({record.spec.access_type}, {record.spec.fs_type})"
             )
         names = self.core.names(record.volume_id)
-        if not self.host.crypt_exists(names.mapping):
+        self._check_prepared(names, record)
+        self.core.expose_primary(names, record)  # a lost staging mount is mounted again
+
+    def _check_prepared(self, names: Names, record: Record) -> None:
+        if self.core.backing_of(record.spec).find(names) is None:
             raise FailedPrecondition(
                 f"volume {record.volume_id} lost its encrypted mapping, so its data is gone; "
                 "unstage it (delete its pods) to get a fresh volume"
             )
-        if record.spec.access_type == MOUNT:
-            if self.host.mount_source(record.staging_path) != names.mapper_device:
-                self._mount_staging(names, record)
 
     # publish -----------------------------------------------------------------------------
     def publish(self, request: TargetRequest) -> None:
@@ -227,31 +224,26 @@ class StagedVolumes:
             )
         return record
 
+    def _exposure(self, record: Record, options: list[str]) -> Exposure:
+        """A pod's target: the staging directory bound there, or the device node of a block
+        volume bound onto a file."""
+        if record.spec.access_type == BLOCK:
+            return BindDevice(self.host, options)
+        return BindDirectory(self.host, options)
+
     def _bind(self, record: Record, target: str, options: list[str]) -> None:
         names = self.core.names(record.volume_id)
-        if record.spec.access_type == BLOCK:
-            if self.host.is_mountpoint(target):
-                return
-            self.host.make_file(target)
-            self.host.bind_mount(names.mapper_device, target, options)
-        else:
-            if self.host.mount_source(target) == names.mapper_device:
-                return
-            self._check_staging_mounted(names, record)
-            self.host.make_dir(target)
-            self.host.bind_mount(record.staging_path, target, options)
-
-    def _check_staging_mounted(self, names: Names, record: Record) -> None:
-        """Never bind an unmounted staging dir: the pod would write plaintext to the node's
-        root disk. Remount it if the mapping is still open; refuse if it is not."""
-        if self.host.mount_source(record.staging_path) == names.mapper_device:
+        exposure = self._exposure(record, options)
+        if exposure.is_exposed(names, target):
             return
-        if not self.host.crypt_exists(names.mapping):
-            raise FailedPrecondition(
-                f"volume {record.volume_id} lost its encrypted mapping, so its data is gone; "
-                "unstage it (delete its pods) to get a fresh volume"
-            )
-        self._mount_staging(names, record)
+        if record.spec.access_type == BLOCK:
+            exposure.expose(names, names.mapper_device, target)
+            return
+        # never bind an unmounted staging dir: the pod would write plaintext to the node's
+        # root disk. Mount it again if the volume is still prepared; refuse if it is not.
+        self._check_prepared(names, record)
+        self.core.expose_primary(names, record)
+        exposure.expose(names, record.staging_path, target)
 
     def _unbind_quietly(self, record: Record, target: str) -> None:
         try:
@@ -264,14 +256,9 @@ class StagedVolumes:
 
     def _unbind(self, record: Record, target: str) -> None:
         names = self.core.names(record.volume_id)
-        if record.spec.access_type == BLOCK:
-            if self.host.is_mountpoint(target):
-                self.host.umount(target)
-            self.host.remove_file(target)
-        else:
-            if self.host.mount_source(target) == names.mapper_device:
-                self.host.umount(target)
-            self.host.remove_dir(target)
+        exposure = self._exposure(record, record.targets.get(target, []))
+        exposure.unexpose(names, target)
+        exposure.remove(target)
 
     # unpublish ---------------------------------------------------------------------------
     def unpublish(self, volume_id: str, target: str) -> None:
@@ -303,9 +290,7 @@ class StagedVolumes:
             record = self.journal.load(volume_id)
             names = self.core.names(volume_id)
             if record is None:  # nothing recorded: release what the kernel may still hold
-                if self.host.mount_source(staging_path) == names.mapper_device:
-                    self.host.umount(staging_path)
-                self.core.release(names)
+                self.core.release_prepared(names, None, staging_path)
                 return
             if record.state == RESERVED:
                 return
@@ -313,29 +298,15 @@ class StagedVolumes:
                 raise NotFound(
                     f"volume {volume_id} is staged at {record.staging_path}, not at {staging_path}"
                 )
-            self._check_unused(record, names)
-            self.core.check_closable(names, ignore=staging_path)  # before anything is undone
-            if record.spec.access_type == MOUNT:
-                with self.core.timed_step("unmount"):  # busy: nothing changed, kubelet retries
-                    if self.host.mount_source(staging_path) == names.mapper_device:
-                        self.host.umount(staging_path)
+            if record.targets:
+                raise FailedPrecondition(
+                    f"volume {record.volume_id} is still published at "
+                    f"{', '.join(sorted(record.targets))}; unpublish it first"
+                )
+            self.core.check_releasable(names, record, staging_path)  # busy: nothing changed
             record.state = UNSTAGING
             self.journal.write(record)
             self.core.release_staged(record)
-
-    def _check_unused(self, record: Record, names: Names) -> None:
-        if record.targets:
-            raise FailedPrecondition(
-                f"volume {record.volume_id} is still published at "
-                f"{', '.join(sorted(record.targets))}; unpublish it first"
-            )
-        others = [p for p in self.host.mountpoints_of(names.mapper_device)
-                  if p != record.staging_path]  # fmt: skip
-        if others:
-            raise FailedPrecondition(
-                f"volume {record.volume_id} is still mounted at {', '.join(others)}; "
-                "it stays staged"
-            )
 
     # expand ------------------------------------------------------------------------------
     def expand(self, request: ExpandRequest) -> int:
@@ -359,12 +330,12 @@ class StagedVolumes:
             # kubelet names a filesystem volume by its staging path; for a block volume it passes
             # a device path of its own, which this driver does not use
             mounted = record.spec.access_type == MOUNT
-            if mounted and request.volume_path not in self.core.paths_of(record):
+            if mounted and request.volume_path not in paths_of(record):
                 raise NotFound(
                     f"volume {request.volume_id} is not staged or published at "
                     f"{request.volume_path}"
                 )
-            check_expandable(record.spec)
+            self.core.backing_of(record.spec).check_growable(record.spec)
             config = self.core.config
             size = size_from_range(request.required, request.limit, default=record.spec.size,
                                    min_size=config.min_size, max_size=config.max_size)  # fmt: skip
@@ -380,37 +351,11 @@ class StagedVolumes:
             if record.grow_to < size:
                 record.grow_to = size
                 self.core.reserve(record, new_volume=False)
-        grown = dataclasses.replace(spec, size=size)
-        with self.core.timed_step("grow_backing"):
-            self.host.grow_backing(names.backing, grown.backing_bytes, spec.preallocate)
-        with self.core.timed_step("refresh_loop"):
-            device = self.host.loop_find(names.backing)
-            if device is None:
-                raise FailedPrecondition(
-                    f"volume {record.volume_id} lost its loop device; its data is gone"
-                )
-            self.host.loop_refresh(device)
-        with self.core.timed_step("resize_mapping"):
-            self.host.crypt_resize(names.mapping, self.core.header_of(names, spec))
+        self.core.backing_of(spec).grow(names, spec, size)
         if spec.access_type == MOUNT:
             with self.core.timed_step("grow_fs"):
                 self.host.fs_grow(names.mapper_device, record.staging_path, spec.fs_type)
         with self.core.timed_step("record"):
-            record.spec = grown
+            record.spec = dataclasses.replace(spec, size=size)
             record.grow_to = 0
             self.journal.write(record)
-
-
-def check_expandable(spec: VolumeSpec) -> None:
-    """INVALID_ARGUMENT, not FAILED_PRECONDITION: to kubelet and csi-resizer the latter means
-    "retry once the volume is not in use", which would never help here."""
-    if spec.backing == "qcow2":
-        raise InvalidArgument(
-            "qcow2 volumes cannot grow: the kernel NBD client does not learn a new export size "
-            "while connected; use backing=loop for volumes that must grow"
-        )
-    if spec.integrity != "none":
-        raise InvalidArgument(
-            f"volumes with integrity={spec.integrity} cannot grow: the dm-integrity layer under "
-            "the mapping keeps its size; create a new volume of the size you need"
-        )

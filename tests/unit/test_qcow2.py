@@ -7,8 +7,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from csi.backings.qcow2 import QCOW2_METADATA_BYTES
 from csi.journal import PUBLISHED, STAGED
-from csi.params import QCOW2_METADATA_BYTES, VolumeSpec
+from csi.params import VolumeSpec
 from csi.volumes import PUBLISH_STEPS
 from tests.unit.harness import Harness, fails
 
@@ -225,7 +226,7 @@ def test_a_failing_qsd_at_start_up_is_reported_not_fatal(h: Harness) -> None:
     h.publish(attributes={"size": "64Mi"})
     h.host.fail("nbd_exports")
     report = h.recover()
-    assert any("qcow2 exports not checked" in f for f in report.failures)
+    assert any("qcow2 orphans not checked" in f for f in report.failures)
     assert h.k.stats("pod-a", "scratch").volume_condition.abnormal is False
 
 

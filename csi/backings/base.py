@@ -1,0 +1,120 @@
+"""The backing contract (see the package docstring for what each method promises)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+from csi.errors import Busy, InvalidArgument
+from csi.host import NodeHost
+from csi.keys import KeySource
+
+if TYPE_CHECKING:
+    from csi.journal import Names
+    from csi.params import VolumeSpec
+
+StepTimer = Callable[[str], AbstractContextManager[None]]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a backing gets from the node: the host (each backing uses only the protocols it
+    needs), the key source, the step timer and the node's directories."""
+
+    host: NodeHost
+    key_source: KeySource
+    step: StepTimer
+    data_dir: str
+    state_dir: str
+
+
+@dataclass(frozen=True)
+class Orphan:
+    """An object of a backing that no record accounts for."""
+
+    reason: str  # the metric label: loop_without_record, export_without_record, ...
+    label: str  # what to call it in a message
+    digest: str  # the volume digest its name carries
+
+
+class Backing(ABC):
+    name: ClassVar[str]
+    # words a volume id may carry for a shape that can never grow -> the reason, for people
+    FIXED_REASONS: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+
+    # arithmetic: no node needed --------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def disk_bytes(cls, spec: VolumeSpec) -> int:
+        """The most the volume can take on the node's disk once every block is written."""
+
+    @classmethod
+    @abstractmethod
+    def largest_fitting(cls, room: int, spec: VolumeSpec) -> int:
+        """The biggest size whose ``disk_bytes`` fits in ``room`` (before rounding)."""
+
+    @classmethod
+    def fixed_reason(cls, spec: VolumeSpec) -> str:
+        """A key of FIXED_REASONS if volumes of this shape can never grow, else ""."""
+        return ""
+
+    @classmethod
+    def check_growable(cls, spec: VolumeSpec) -> None:
+        """INVALID_ARGUMENT, not FAILED_PRECONDITION: to kubelet and csi-resizer the latter
+        means "retry once the volume is not in use", which would never help here."""
+        if reason := cls.fixed_reason(spec):
+            raise InvalidArgument(cls.FIXED_REASONS[reason])
+
+    # on the node ---------------------------------------------------------------------
+    @abstractmethod
+    def unavailable(self) -> str | None: ...
+
+    @abstractmethod
+    def prepare(self, names: Names, spec: VolumeSpec, *, keyring: bool) -> str: ...
+
+    @abstractmethod
+    def find(self, names: Names) -> str | None: ...
+
+    @abstractmethod
+    def attached(self, names: Names) -> str | None: ...
+
+    @abstractmethod
+    def health(self, names: Names, spec: VolumeSpec) -> list[str]: ...
+
+    @abstractmethod
+    def grow(self, names: Names, spec: VolumeSpec, size: int) -> None: ...
+
+    @abstractmethod
+    def in_use(self, names: Names, ignore: str = "") -> list[str]:
+        """What the kernel says holds the volume, in words, leaving out a mount at ``ignore``
+        (the primary path the caller is about to unexpose)."""
+
+    def check_releasable(self, names: Names, ignore: str = "") -> None:
+        """Busy, naming the holders, unless ``release`` could go ahead now."""
+        if uses := self.in_use(names, ignore):
+            raise Busy(
+                f"mapping of volume {names.volume_id} is still in use "
+                f"({', '.join(uses)}); nothing was torn down, retry later"
+            )
+
+    def before_release(self, names: Names) -> None:
+        """Anything that must happen before "in use" can even be asked (default: nothing)."""
+        del names
+
+    @abstractmethod
+    def release(self, names: Names) -> bool: ...
+
+    @abstractmethod
+    def wipe_key(self, names: Names, spec: VolumeSpec) -> None: ...
+
+    @abstractmethod
+    def orphans(self, known: set[str]) -> list[Orphan]: ...
+
+    @abstractmethod
+    def remove_orphan(self, orphan: Orphan) -> None: ...

@@ -1,0 +1,113 @@
+"""Exposures: how a prepared volume reaches a pod.
+
+A filesystem is mounted (an inline volume's target, a PVC's staging path); a PVC's staging
+directory is bound into each pod's target; a block volume's device node is bound onto a file at
+each target. Next: a hand-off to a Kata VM, where nothing is mounted on the host. Every
+exposure answers "is the volume exposed at this path?" from the kernel (the mount visible there
+shows the mapping's device number), never from a source string, and undoes only its own mount.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
+
+from csi.errors import Internal
+from csi.host import FsStats, Host
+
+if TYPE_CHECKING:
+    from csi.journal import Names
+
+
+class Exposure(ABC):
+    def __init__(self, host: Host) -> None:
+        self.host = host
+
+    def is_exposed(self, names: Names, path: str) -> bool:
+        return bool(path) and self.host.is_mounted_from(path, names.mapping)
+
+    @abstractmethod
+    def expose(self, names: Names, source: str, path: str) -> None:
+        """Make ``source`` (a device, or a directory for a bind) visible at ``path``."""
+
+    def unexpose(self, names: Names, path: str) -> bool:
+        """Unmount ``path`` if it shows this volume; True if it did."""
+        if not self.is_exposed(names, path):
+            return False
+        self.host.umount(path)
+        return True
+
+    def remove(self, path: str) -> None:
+        """The empty directory left where a mount was (never its content)."""
+        self.host.remove_dir(path)
+
+    def stats(self, names: Names, path: str) -> FsStats | None:
+        return self.host.fs_stats(path) if self.is_exposed(names, path) else None
+
+
+class MountFilesystem(Exposure):
+    """The volume's filesystem, mounted nosuid,nodev plus the asked flags; a writable mount
+    first gets its root's owner and mode fixed (the pod's user may not be root)."""
+
+    def __init__(self, host: Host, fs_type: str, flags: tuple[str, ...], *, readonly: bool,
+                 group: str) -> None:  # fmt: skip
+        super().__init__(host)
+        self.fs_type = fs_type
+        self.flags = [f for f in flags if f not in ("ro", "rw")]
+        self.readonly = readonly or "ro" in flags
+        self.group = int(group) if group else None
+
+    def expose(self, names: Names, source: str, path: str) -> None:
+        self.host.make_dir(path)
+        options = ["nosuid", "nodev", *self.flags]
+        if self.readonly:
+            self.host.mount(source, path, self.fs_type, ["ro", *options])
+            return
+        self.host.mount(source, path, self.fs_type, ["rw", *options])
+        self.host.set_volume_root(path, self.group)
+
+
+class BindDirectory(Exposure):
+    """A staging directory bound into a pod's target with that pod's options."""
+
+    def __init__(self, host: Host, options: list[str]) -> None:
+        super().__init__(host)
+        self.options = options
+
+    def expose(self, names: Names, source: str, path: str) -> None:
+        self.host.make_dir(path)
+        self.host.bind_mount(source, path, self.options)
+
+
+class BindDevice(Exposure):
+    """A block volume's device node bound onto a file at the pod's target."""
+
+    def __init__(self, host: Host, options: list[str]) -> None:
+        super().__init__(host)
+        self.options = options
+
+    def expose(self, names: Names, source: str, path: str) -> None:
+        self.host.make_file(path)
+        self.host.bind_mount(source, path, self.options)
+
+    def unexpose(self, names: Names, path: str) -> bool:
+        """A recorded target's bind is ours even once the mapping is gone (then the device
+        number no longer says so): unmount whatever is mounted on the file."""
+        if not self.host.is_mountpoint(path):
+            return False
+        self.host.umount(path)
+        return True
+
+    def remove(self, path: str) -> None:
+        self.host.remove_file(path)
+
+    def stats(self, names: Names, path: str) -> FsStats | None:
+        return None  # a device has a size, not filesystem usage
+
+
+class Unrecorded(Exposure):
+    """What a path shows of a volume no record describes: it can be found and unmounted
+    (a filesystem or a bound device node alike, by device number), never made."""
+
+    def expose(self, names: Names, source: str, path: str) -> None:
+        raise Internal(f"volume {names.volume_id} has no record: nothing says how to expose it")

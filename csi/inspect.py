@@ -1,0 +1,113 @@
+"""Inspection: a volume's stats and health (NodeGetVolumeStats) and the admin's list."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from csi.errors import DriverError, InvalidArgument, NotFound
+from csi.exposures import BindDevice
+from csi.host import FsStats
+from csi.journal import PUBLISHED, STAGED, Names, Record
+
+if TYPE_CHECKING:
+    from csi.volumes import Volumes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VolumeHealth:
+    abnormal: bool
+    message: str
+
+
+@dataclass(frozen=True)
+class VolumeStats:
+    usage: FsStats | None
+    health: VolumeHealth
+    block_bytes: int | None = None  # a block volume has a size but no filesystem usage
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    record: Record
+    names: Names
+    allocated_bytes: int
+    loop_device: str | None  # the backing's own device (loop or NBD), if any
+    mapping_open: bool
+    mounted: bool
+
+
+def paths_of(record: Record) -> list[str]:
+    """Where the volume is visible: its inline target, or its staging path and targets."""
+    if not record.provisioned:
+        return [record.target_path]
+    return [p for p in (record.staging_path, *record.targets) if p]
+
+
+class Inspector:
+    def __init__(self, volumes: Volumes) -> None:
+        self.volumes = volumes
+        self.host = volumes.host
+
+    def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
+        self.volumes.check_volume_id(volume_id)
+        if not volume_path:
+            raise InvalidArgument("volume_path is required")
+        record = self.volumes.journal.load(volume_id)
+        if record is None or record.state not in (PUBLISHED, STAGED):
+            raise NotFound(f"volume {volume_id} is not published on this node")
+        if volume_path not in paths_of(record):
+            raise NotFound(f"volume {volume_id} is not published at {volume_path}")
+        names = self.volumes.names(volume_id)
+        health = self.health(names, record, volume_path)
+        if record.spec.access_type == "block":
+            size = self.host.device_size(names.mapper_device) if not health.abnormal else None
+            return VolumeStats(None, health, size)
+        mounted = self.host.is_mounted_from(volume_path, names.mapping)
+        return VolumeStats(self.host.fs_stats(volume_path) if mounted else None, health)
+
+    def health(self, names: Names, record: Record, path: str = "") -> VolumeHealth:
+        path = path or self.volumes.primary_path(record)
+        backing = self.volumes.backing_of(record.spec)
+        problems = backing.health(names, record.spec)
+        if backing.find(names) is None:
+            pass  # nothing can be exposed without it: the backing said why
+        elif record.spec.access_type == "block":
+            bound = path == record.staging_path or BindDevice(self.host, []).is_exposed(names, path)
+            if not bound:  # a block volume is staged by opening it; targets are binds
+                problems.append(f"device is not bound at {path}")
+        elif not self.host.is_mounted_from(path, names.mapping):
+            problems.append(f"filesystem is not mounted at {path}")
+        elif (errors := self.host.fs_error_count(names.mapper_device)) > 0:
+            problems.append(f"filesystem has recorded {errors} errors")
+        if problems:
+            return VolumeHealth(True, "; ".join(problems))
+        return VolumeHealth(False, "volume is healthy")
+
+    def _mounted(self, names: Names, record: Record) -> bool:
+        if record.provisioned and record.spec.access_type == "block":
+            return self.volumes.backing_of(record.spec).find(names) is not None  # staged = open
+        return self.host.is_mounted_from(self.volumes.primary_path(record), names.mapping)
+
+    def list(self) -> list[VolumeInfo]:
+        result = []
+        for record in self.volumes.journal.all():
+            names = self.volumes.names(record.volume_id)
+            backing = self.volumes.backing_of(record.spec)
+            try:
+                result.append(
+                    VolumeInfo(
+                        record=record,
+                        names=names,
+                        allocated_bytes=self.host.allocated_bytes(names.backing),
+                        loop_device=backing.attached(names),
+                        mapping_open=backing.find(names) is not None,
+                        mounted=self._mounted(names, record),
+                    )
+                )
+            except DriverError as exc:  # one volume the host cannot inspect hides no other
+                log.warning("cannot inspect volume %s: %s", record.volume_id, exc)
+        return result

@@ -1,0 +1,129 @@
+"""Start-up: roll back half-done work and remove objects no record accounts for.
+
+A half-done inline publish is torn down and forgotten (kubelet retries it); a half-done stage or
+unstage of a provisioned volume goes back to RESERVED, keeping the capacity CreateVolume
+reserved (kubelet retries the stage, or the CO deletes the volume). Then every object of ours no
+record names is removed, unless the kernel says it is in use: backing files first (through
+whatever backing still holds them), then mappings, then each backing's own devices, then
+headers. A record that cannot be read still names its objects: they are never orphans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from csi.backings import Orphan
+from csi.backings.luks import BACKING_FILE, MAPPING_PREFIX, LuksFileBacking
+from csi.errors import Busy, DriverError
+from csi.journal import HALF_DONE, Names
+
+if TYPE_CHECKING:
+    from csi.volumes import Events, Volumes
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReconcileReport:
+    rolled_back: list[str] = field(default_factory=list)
+    orphans_removed: dict[str, int] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+
+    def count(self, reason: str, events: Events) -> None:
+        self.orphans_removed[reason] = self.orphans_removed.get(reason, 0) + 1
+        events.orphan_removed(reason)
+
+
+class Reconciler:
+    def __init__(self, volumes: Volumes) -> None:
+        self.volumes = volumes
+        self.host = volumes.host
+        self.events = volumes.events
+
+    def reconcile(self) -> ReconcileReport:
+        report = ReconcileReport()
+        volumes = self.volumes
+        volumes.journal.remove_partial_writes()
+        known: set[str] = set()
+        for record in volumes.journal.all():
+            names = volumes.names(record.volume_id)
+            if record.state not in HALF_DONE:
+                known.add(names.digest)
+                continue
+            try:
+                with volumes.locks.hold(record.volume_id):
+                    if record.provisioned:
+                        volumes.release_staged(record)
+                        known.add(names.digest)
+                    else:
+                        volumes._teardown(names, record.target_path, record)
+                report.rolled_back.append(record.volume_id)
+            except Exception as exc:  # one bad volume never stops start-up for the others
+                if not isinstance(exc, DriverError):
+                    log.exception("start-up could not roll back volume %s", record.volume_id)
+                known.add(names.digest)
+                report.failures.append(f"{record.volume_id}: {exc}")
+        for digest in sorted(volumes.journal.unreadable_digests()):
+            known.add(digest)
+            report.failures.append(f"journal record {digest}.json is unreadable and was set "
+                                   "aside; its volume's objects are left alone")  # fmt: skip
+        try:
+            self._remove_orphans(known, report)
+        except DriverError as exc:
+            report.failures.append(f"orphan check stopped: {exc}")
+        return report
+
+    def _remove_orphans(self, known: set[str], report: ReconcileReport) -> None:
+        self._orphan_files(known, report)
+        luks = self.volumes.luks
+        self._remove_each(luks.orphan_mappings(known), luks.remove_orphan_mapping, known, report)
+        for backing in self.volumes.backings.values():
+            try:
+                orphans = backing.orphans(known)
+            except DriverError as exc:  # a hung qsd must not keep the driver (or loops) down
+                report.failures.append(f"{backing.name} orphans not checked: {exc}")
+                continue
+            self._remove_each(orphans, backing.remove_orphan, known, report)
+        self._remove_each(luks.orphan_headers(known), luks.remove_orphan_header, known, report)
+
+    def _orphan_files(self, known: set[str], report: ReconcileReport) -> None:
+        """Backing files no record knows: released through whatever still holds them."""
+        data_dir = self.volumes.config.data_dir
+        for name in self.host.list_dir(data_dir):
+            match = BACKING_FILE.match(name)
+            if not match or match.group(1) in known:
+                continue
+            mapping = MAPPING_PREFIX + match.group(1)
+            try:
+                if uses := self.host.mapping_users(mapping):
+                    report.failures.append(
+                        f"{name}: no record but its mapping is in use "
+                        f"({', '.join(map(str, uses))}); left alone"
+                    )
+                    known.add(match.group(1))  # keep its header too: unpublish will need nothing
+                    continue
+                names = Names.of_digest(match.group(1), data_dir, self.volumes.config.state_dir)
+                self.host.crypt_close(mapping)
+                for backing in self.volumes.backings.values():
+                    if isinstance(backing, LuksFileBacking):
+                        backing.detach(names)
+                self.host.remove_file(os.path.join(data_dir, name))  # its header has a pass
+                report.count("backing_without_record", self.events)
+            except DriverError as exc:
+                report.failures.append(f"{name}: {exc}")
+
+    def _remove_each(self, orphans: list[Orphan], remove: Callable[[Orphan], None],
+                     known: set[str], report: ReconcileReport) -> None:  # fmt: skip
+        for orphan in orphans:
+            try:
+                remove(orphan)
+                report.count(orphan.reason, self.events)
+            except Busy as exc:
+                known.add(orphan.digest)
+                report.failures.append(str(exc))
+            except DriverError as exc:
+                report.failures.append(f"{orphan.label}: {exc}")
