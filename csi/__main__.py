@@ -26,8 +26,9 @@ from csi.journal import Record
 from csi.kube import KubeApi, PodEvents
 from csi.metrics import Metrics, MetricsServer
 from csi.metrics import serve as serve_metrics
-from csi.node import NodeServicer, Notify, no_notify, topology_key
+from csi.node import NodeServicer, topology_key
 from csi.params import format_bytes
+from csi.pods import Notify, no_notify
 from csi.proto import csi_pb2_grpc
 from csi.provision import Provisioner
 from csi.reaper import OrphanReaper
@@ -206,7 +207,7 @@ def list_volumes(config: Config, as_json: bool) -> int:
             "state": rec.state,
             "size": format_bytes(rec.spec.size),
             "allocated": info.allocated_bytes,
-            "loop": info.loop_device or "-",
+            "device": info.device or "-",
             "mapping": info.names.mapping if info.mapping_open else "-",
             "mount": (rec.staging_path if rec.provisioned else rec.target_path)
                      if info.mounted else "-",
@@ -214,7 +215,7 @@ def list_volumes(config: Config, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    columns = ["volume_id", "pod", "state", "size", "allocated", "loop", "mapping", "mount"]
+    columns = ["volume_id", "pod", "state", "size", "allocated", "device", "mapping", "mount"]
     table = [columns, *[[str(r[c]) for c in columns] for r in rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for row in table:

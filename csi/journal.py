@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
+from csi.backings.luks import MAPPING_PREFIX
 from csi.errors import DriverError, FailedPrecondition, Internal, ResourceExhausted
 from csi.params import VolumeSpec
 
@@ -46,7 +47,6 @@ UNSTAGING = "unstaging"
 STATES = (CREATING, PUBLISHED, RESERVED, STAGING, STAGED, UNSTAGING)
 # States a crash can leave behind that start-up must finish or roll back.
 HALF_DONE = (CREATING, STAGING, UNSTAGING)
-MAPPING_PREFIX = "luks-eph-"
 
 MAX_RECORD_BYTES = 64 * 1024  # a record is a few hundred bytes; bigger is not one of ours
 UNREADABLE_DIR = "unreadable"  # under <state>/volumes: set-aside records, never deleted

@@ -9,9 +9,7 @@ import grpc
 from csi.config import Config
 from csi.errors import DriverError, InvalidArgument, NotFound, ResourceExhausted
 from csi.params import VolumeSpec, check_combination, parse_attributes
-from csi.pods import Notify as Notify  # re-exported until csi.__main__ imports csi.pods
-from csi.pods import no_notify as no_notify  # re-exported until csi.__main__ imports csi.pods
-from csi.pods import pod_of
+from csi.pods import Notify, no_notify, pod_of
 from csi.proto import csi_pb2 as pb
 from csi.proto import csi_pb2_grpc
 from csi.rpc import handles_errors

@@ -125,7 +125,7 @@ class VolumeSpec:
     """Everything that defines a volume's shape; two publishes are compatible iff equal."""
 
     size: int
-    backing: str = "loop"
+    backing: str = backings.DEFAULT
     preallocate: bool = False
     integrity: str = "none"
     header: str = "detached"

@@ -11,15 +11,13 @@ headers. A record that cannot be read still names its objects: they are never or
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from csi.backings import Orphan
-from csi.backings.luks import BACKING_FILE, MAPPING_PREFIX, LuksFileBacking
 from csi.errors import Busy, DriverError
-from csi.journal import HALF_DONE, Names
+from csi.journal import HALF_DONE
 
 if TYPE_CHECKING:
     from csi.volumes import Events, Volumes
@@ -78,8 +76,10 @@ class Reconciler:
         return report
 
     def _remove_orphans(self, known: set[str], report: ReconcileReport) -> None:
-        self._orphan_files(known, report)
         luks = self.volumes.luks
+        every = list(self.volumes.backings.values())
+        self._remove_each(luks.orphan_files(known),
+                          lambda orphan: luks.remove_orphan_file(orphan, every), known, report)
         self._remove_each(luks.orphan_mappings(known), luks.remove_orphan_mapping, known, report)
         for backing in self.volumes.backings.values():
             try:
@@ -90,39 +90,13 @@ class Reconciler:
             self._remove_each(orphans, backing.remove_orphan, known, report)
         self._remove_each(luks.orphan_headers(known), luks.remove_orphan_header, known, report)
 
-    def _orphan_files(self, known: set[str], report: ReconcileReport) -> None:
-        """Backing files no record knows: released through whatever still holds them."""
-        data_dir = self.volumes.config.data_dir
-        for name in self.host.list_dir(data_dir):
-            match = BACKING_FILE.match(name)
-            if not match or match.group(1) in known:
-                continue
-            mapping = MAPPING_PREFIX + match.group(1)
-            try:
-                if uses := self.host.mapping_users(mapping):
-                    report.failures.append(
-                        f"{name}: no record but its mapping is in use "
-                        f"({', '.join(map(str, uses))}); left alone"
-                    )
-                    known.add(match.group(1))  # keep its header too: unpublish will need nothing
-                    continue
-                names = Names.of_digest(match.group(1), data_dir, self.volumes.config.state_dir)
-                self.host.crypt_close(mapping)
-                for backing in self.volumes.backings.values():
-                    if isinstance(backing, LuksFileBacking):
-                        backing.detach(names)
-                self.host.remove_file(os.path.join(data_dir, name))  # its header has a pass
-                report.count("backing_without_record", self.events)
-            except DriverError as exc:
-                report.failures.append(f"{name}: {exc}")
-
     def _remove_each(self, orphans: list[Orphan], remove: Callable[[Orphan], None],
                      known: set[str], report: ReconcileReport) -> None:  # fmt: skip
         for orphan in orphans:
             try:
                 remove(orphan)
                 report.count(orphan.reason, self.events)
-            except Busy as exc:
+            except Busy as exc:  # in use: it and everything of its volume are left alone
                 known.add(orphan.digest)
                 report.failures.append(str(exc))
             except DriverError as exc:

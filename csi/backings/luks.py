@@ -13,6 +13,7 @@ import logging
 import os
 import re
 from abc import abstractmethod
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar
 
 from csi.backings.base import Backing, Context, Orphan
@@ -58,6 +59,12 @@ def needs_integrity_wipe(spec: VolumeSpec) -> bool:
 def eager_mkfs(spec: VolumeSpec) -> bool:
     """Integrity filesystems write their metadata at mkfs time (nothing read is unwritten)."""
     return spec.integrity != "none"
+
+
+def volume_names(digest: str, data_dir: str, state_dir: str) -> Names:
+    from csi.journal import Names  # the journal imports this module: resolved when first used
+
+    return Names.of_digest(digest, data_dir, state_dir)
 
 
 def header_of(names: Names, spec: VolumeSpec) -> str | None:
@@ -121,6 +128,27 @@ class Luks:
         if self.host.mapping_users(orphan.label):
             raise Busy(f"{orphan.label}: no record but in use; left alone")
         self.host.crypt_close(orphan.label)
+
+    def orphan_files(self, known: set[str]) -> list[Orphan]:
+        """Backing files no record knows."""
+        data_dir = self.context.data_dir
+        return [Orphan("backing_without_record", name, match.group(1))
+                for name in self.host.list_dir(data_dir)
+                if (match := BACKING_FILE.match(name)) and match.group(1) not in known]  # fmt: skip
+
+    def remove_orphan_file(self, orphan: Orphan, backings: Iterable[Backing]) -> None:
+        """Close its mapping unless in use, let every LUKS file backing detach what it holds of
+        the file, then delete it (its header has a pass of its own)."""
+        mapping = MAPPING_PREFIX + orphan.digest
+        if uses := self.host.mapping_users(mapping):
+            raise Busy(f"{orphan.label}: no record but its mapping is in use "
+                       f"({', '.join(map(str, uses))}); left alone")  # fmt: skip
+        names = volume_names(orphan.digest, self.context.data_dir, self.context.state_dir)
+        self.host.crypt_close(mapping)
+        for backing in backings:
+            if isinstance(backing, LuksFileBacking):
+                backing.detach(names)
+        self.host.remove_file(names.backing)
 
     def orphan_headers(self, known: set[str]) -> list[Orphan]:
         header_dir = os.path.join(self.context.state_dir, "headers")

@@ -53,7 +53,7 @@ def test_volumes_on_an_empty_node(dirs: list[str], capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[-1] == "(no volumes on this node)"
-    assert lines[0].split() == ["volume_id", "pod", "state", "size", "allocated", "loop",
+    assert lines[0].split() == ["volume_id", "pod", "state", "size", "allocated", "device",
                                 "mapping", "mount"]  # fmt: skip
     assert len(lines) == 2
 
@@ -70,7 +70,7 @@ def test_volumes_lists_journal_records(
     assert set(rows) == {"csi-volume-one", "csi-volume-two"}
     assert rows["csi-volume-one"][1:4] == ["shop/web-0", "published", "512Mi"]
     assert rows["csi-volume-two"][1:4] == ["shop/web-0", "creating", "2Gi"]
-    # nothing of it exists on this host: no loop, no mapping, not mounted
+    # nothing of it exists on this host: no device, no mapping, not mounted
     assert rows["csi-volume-one"][5:] == ["-", "-", "-"]
 
 
@@ -82,7 +82,7 @@ def test_volumes_as_json(
     rows = json.loads(capsys.readouterr().out)
     assert rows == [{
         "volume_id": "csi-volume-one", "pod": "shop/web-0", "state": "published",
-        "size": "64Mi", "allocated": 0, "loop": "-", "mapping": "-", "mount": "-",
+        "size": "64Mi", "allocated": 0, "device": "-", "mapping": "-", "mount": "-",
     }]  # fmt: skip
 
 
