@@ -111,3 +111,9 @@ class Unrecorded(Exposure):
 
     def expose(self, names: Names, source: str, path: str) -> None:
         raise Internal(f"volume {names.volume_id} has no record: nothing says how to expose it")
+
+    def remove(self, path: str) -> None:
+        if self.host.is_dir(path):
+            self.host.remove_dir(path)
+        else:
+            self.host.remove_file(path)

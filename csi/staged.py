@@ -26,7 +26,7 @@ from csi.errors import (
     InvalidArgument,
     NotFound,
 )
-from csi.exposures import BindDevice, BindDirectory, Exposure
+from csi.exposures import BindDevice, BindDirectory, Exposure, Unrecorded
 from csi.ids import node_of
 from csi.inspect import paths_of
 from csi.journal import RESERVED, STAGED, STAGING, UNSTAGING, Names, Record
@@ -269,13 +269,9 @@ class StagedVolumes:
             if record is None or target not in record.targets:
                 # nothing recorded there: release only a bind of ours (a filesystem, or the
                 # device node of a block volume), decided by device number
-                names = self.core.names(volume_id)
-                if self.host.is_mounted_from(target, names.mapping):
-                    self.host.umount(target)
-                    if self.host.is_dir(target):
-                        self.host.remove_dir(target)
-                    else:
-                        self.host.remove_file(target)
+                unknown = Unrecorded(self.host)
+                if unknown.unexpose(self.core.names(volume_id), target):
+                    unknown.remove(target)
                 return
             with self.core.timed_step("unmount"):
                 self._unbind(record, target)

@@ -36,7 +36,7 @@ from csi.errors import (
 )
 from csi.exposures import Exposure, MountFilesystem, Unrecorded
 from csi.gate import NodeGate
-from csi.host import NodeHost
+from csi.host import Host, NodeHost
 from csi.ids import check_provisioned_id, check_volume_id, is_provisioned_id
 from csi.inspect import Inspector, VolumeHealth, VolumeInfo, VolumeStats
 from csi.journal import (
@@ -103,7 +103,7 @@ class Volumes:
         events: Events | None = None,
     ) -> None:
         self.config = config
-        self.host = host
+        self.host: Host = host  # the generic part: loops and NBD are the backings' own
         self.journal = journal or Journal(config.state_dir)
         self.after_step = after_step or (lambda step: None)
         self.events = events or Events()
@@ -381,8 +381,7 @@ class Volumes:
             record = self.journal.load(volume_id)
             if record is not None and record.target_path != target_path:
                 # not this volume's target: release only a mount of ours there, if any
-                if self.host.is_mounted_from(target_path, names.mapping):
-                    self.host.umount(target_path)
+                Unrecorded(self.host).unexpose(names, target_path)
                 return
             self._teardown(names, target_path, record)
 
