@@ -26,29 +26,24 @@ from csi.errors import (
     ResourceExhausted,
 )
 from csi.host import FsStats, LuksFormat, MappingUse
+from csi.host import commands as cmd
+from csi.host.commands import EXT4_GROUP_BYTES as EXT4_GROUP_BYTES  # re-export (tests)
+from csi.host.commands import FORMAT_TIMEOUT, GROW_TIMEOUT
+from csi.host.commands import unwiped_prefill as unwiped_prefill  # re-export (tests)
 from csi.host.nbd import Qcow2Nbd
-from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, run
+from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, Runner, run
 from csi.keys import VolumeKey
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
 
-PBKDF2_MIN_ITERATIONS = "1000"  # cryptsetup's floor; the passphrase is a full-entropy key
-FORMAT_TIMEOUT = 900.0  # dm-integrity wipes the whole device at format time
-SECTOR = "4096"
-GROW_TIMEOUT = 600.0  # growing a big filesystem online writes new group descriptors
 REQUIRED_TOOLS = (
     "cryptsetup", "dmsetup", "losetup", "mkfs.ext4", "mkfs.xfs", "mount", "umount", "resize2fs",
     "xfs_growfs",
 )  # fmt: skip
-# Per-mount (VFS) flags: the only ones a bind remount can change; filesystem options such as
-# commit= apply to the superblock and were set when the volume was staged.
 QCOW2_OFF = (
     "backing=qcow2 is off on this node: the driver runs without --qsd-socket (the chart's "
     "value qcow2.enabled); use backing=loop"
-)
-BIND_FLAGS = frozenset(
-    {"ro", "rw", "nosuid", "nodev", "noexec", "noatime", "nodiratime", "relatime", "strictatime"}
 )
 
 
@@ -128,29 +123,38 @@ def _typed_os_errors(method: Callable[..., R]) -> Callable[..., R]:
 
 
 ZERO_CHUNK = 1 << 20
-EXT4_GROUP_BYTES = 32768 * 4096  # one ext4 block group at 4 KiB blocks (-b 4096 pins it)
-XFS_AG_HEAD_BYTES = 128 * 1024  # xfs_repair reads 4 x 32 KiB at each allocation group's start
-PREFILL_HEAD, PREFILL_TAIL = 1 << 20, 2 << 20  # blkid's probers read up to ~1.5 MiB from the end
-
-
-def unwiped_prefill(fs_type: str, size: int) -> tuple[list[tuple[int, int]], list[str]]:
-    """Byte ranges to zero on an unwiped dm-integrity device before mkfs, and the mkfs
-    arguments that pin the layout they assume. About 3 MiB, plus 4 KiB per 128 MiB (ext4)."""
-    ranges = [(0, PREFILL_HEAD), (max(0, size - PREFILL_TAIL) // 4096 * 4096, PREFILL_TAIL)]
-    if fs_type == "ext4":
-        ranges += [(s, 4096) for s in range(EXT4_GROUP_BYTES, size, EXT4_GROUP_BYTES)]
-        return ranges, ["-b", "4096"]
-    agsize = min(1 << 40, (size // 4 + 4095) // 4096 * 4096)  # 4 AGs, as mkfs.xfs would pick
-    ranges += [(s, XFS_AG_HEAD_BYTES) for s in range(agsize, size, agsize)]
-    return ranges, ["-d", f"agsize={agsize}"]
 
 
 class LinuxHost:
     """Every method checks the kernel's view first, so repeating a step is harmless."""
 
-    def __init__(self, sysfs: str = "/sys", qcow2: Qcow2Nbd | None = None) -> None:
+    def __init__(
+        self,
+        sysfs: str = "/sys",
+        qcow2: Qcow2Nbd | None = None,
+        *,
+        runner: Runner | None = None,
+        proc: str = "/proc",
+        dev: str = "/dev",
+    ) -> None:
+        """``runner`` runs every command (``None``: ``csi.host.runner.run``, looked up in this
+        module at each call so a test may patch ``csi.host.linux.run``); ``sysfs``, ``proc``
+        and ``dev`` are where the kernel's tables are read (a fixture tree in tests)."""
         self.sysfs = sysfs
+        self.proc = proc
+        self.dev = dev
         self.qcow2 = qcow2
+        self._runner = runner
+
+    @property
+    def runner(self) -> Runner:
+        return run if self._runner is None else self._runner
+
+    def _mounts(self) -> list[MountEntry]:
+        return read_mounts(os.path.join(self.proc, "self", "mountinfo"))
+
+    def _mountinfo(self) -> list[tuple[str, str, str]]:
+        return [(e.point, e.source, e.fs_type) for e in self._mounts()]
 
     # files -------------------------------------------------------------------------------
     def create_backing(self, path: str, size: int, preallocate: bool) -> None:
@@ -276,16 +280,15 @@ class LinuxHost:
         return {d: p for d, p in self._loops().items() if p.startswith(prefix)}
 
     def loop_attach(self, backing: str) -> str:
-        argv = ["losetup", "--find", "--show", "--sector-size", SECTOR]
         try:
-            out = run([*argv, "--direct-io=on", backing])
+            out = self.runner(cmd.losetup_attach(backing, direct_io=True))
         except CommandFailed as exc:
             # tmpfs and some other filesystems refuse O_DIRECT: fall back to buffered I/O
             log.warning("direct I/O refused for %s (%s); attaching with buffered I/O",
                         backing, exc.stderr[-200:])
             if (stale := self.loop_find(backing)) is not None:
                 self.loop_detach(stale)
-            out = run([*argv, backing])
+            out = self.runner(cmd.losetup_attach(backing, direct_io=False))
         device = out.strip()
         if not device.startswith("/dev/loop"):
             raise Internal(f"losetup gave no loop device for {backing}")
@@ -293,7 +296,7 @@ class LinuxHost:
 
     def loop_detach(self, device: str) -> None:
         try:
-            run(["losetup", "--detach", device])
+            self.runner(cmd.losetup_detach(device))
         except CommandFailed as exc:
             if "No such device" in exc.stderr or not os.path.exists(device):
                 return
@@ -301,7 +304,7 @@ class LinuxHost:
 
     def loop_refresh(self, device: str) -> None:
         """Make the loop device see its backing file's new size."""
-        run(["losetup", "--set-capacity", device])
+        self.runner(cmd.losetup_set_capacity(device))
 
     # qcow2 over NBD --------------------------------------------------------------------
     def _nbd(self) -> Qcow2Nbd:
@@ -333,22 +336,7 @@ class LinuxHost:
 
     # dm-crypt ----------------------------------------------------------------------------
     def luks_format(self, device: str, key: VolumeKey, options: LuksFormat) -> None:
-        argv = [
-            "cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2",
-            "--cipher", options.cipher, "--key-size", str(options.key_bits),
-            "--sector-size", SECTOR, "--pbkdf", "pbkdf2",
-            "--pbkdf-force-iterations", PBKDF2_MIN_ITERATIONS, "--hash", "sha256",
-            # one keyslot is all we use: a compact header keeps tmpfs use and overhead small
-            "--luks2-metadata-size", "16k", "--luks2-keyslots-size", "512k",
-            "--key-file=-",
-        ]  # fmt: skip
-        if options.integrity != "none":
-            argv += ["--integrity", options.integrity]
-            if not options.wipe:
-                argv.append("--integrity-no-wipe")
-        if options.header:
-            argv += ["--header", options.header]
-        run([*argv, device], stdin=key.view, timeout=FORMAT_TIMEOUT)
+        self.runner(cmd.luks_format(device, options), stdin=key.view, timeout=FORMAT_TIMEOUT)
 
     def crypt_open(
         self, device: str, name: str, key: VolumeKey, header: str | None, *, keyring: bool = True
@@ -356,29 +344,13 @@ class LinuxHost:
         """Open the mapping. ``keyring=False`` keeps the volume key in the dm-crypt table
         instead of a kernel keyring reference: only then can ``cryptsetup resize`` reload the
         table at a new size without the passphrase (which we no longer have)."""
-        argv = [
-            "cryptsetup",
-            "open",
-            "--type",
-            "luks2",
-            "--key-file=-",
-            "--perf-no_read_workqueue",
-            "--perf-no_write_workqueue",
-        ]
-        if not keyring:
-            argv.append("--disable-keyring")
-        if header:
-            argv += ["--header", header]
-        run([*argv, device, name], stdin=key.view)
+        self.runner(cmd.crypt_open(device, name, header, keyring=keyring), stdin=key.view)
 
     def crypt_resize(self, name: str, header: str | None) -> None:
         """Grow the mapping to its (grown) device. stdin is /dev/null: if cryptsetup wanted a
         passphrase it fails at once instead of waiting for one."""
-        argv = ["cryptsetup", "resize"]
-        if header:
-            argv += ["--header", header]
         try:
-            run([*argv, name])
+            self.runner(cmd.crypt_resize(name, header))
         except CommandFailed as exc:
             if "Nothing to read on input" in exc.stderr or "passphrase" in exc.stderr.lower():
                 raise FailedPrecondition(
@@ -402,11 +374,23 @@ class LinuxHost:
         if not self.crypt_exists(name):
             return
         try:
-            run(["cryptsetup", "close", name])
+            self.runner(cmd.crypt_close(name))
         except CommandFailed as exc:
             if "in use" in exc.stderr or "busy" in exc.stderr.lower():
                 raise Busy(f"mapping {name} is still in use; it stays open") from None
             if not self.crypt_exists(name):
+                return
+            raise
+
+    def crypt_wipe_key(self, name: str, header: str | None) -> None:
+        """Forced: the key leaves the kernel now even if the mapping is in use; its I/O waits
+        (suspended) until the mapping is removed."""
+        if not self.crypt_exists(name):
+            return
+        try:
+            self.runner(cmd.crypt_suspend(name, header))
+        except CommandFailed as exc:
+            if "already suspended" in exc.stderr or not self.crypt_exists(name):
                 return
             raise
 
@@ -431,19 +415,16 @@ class LinuxHost:
         superblocks are 1 KiB writes into 4 KiB blocks, which the kernel must read first) and
         the regions blkid and fsck probe, pinning the layout those ranges assume; then make the
         filesystem writing every metadata block now (inode tables, journal)."""
+        if fs_type not in cmd.FILESYSTEMS:
+            raise Internal(f"no mkfs for {fs_type}")
         extra: list[str] = []
         if eager:
             ranges, extra = unwiped_prefill(fs_type, self.device_size(device))
             self._zero(device, ranges)
-        if fs_type == "ext4":
-            lazy = "0" if eager else "1"
-            extended = f"lazy_itable_init={lazy},lazy_journal_init={lazy},nodiscard"
-            run(["mkfs.ext4", "-F", "-q", "-m", "0", *extra, "-E", extended, device],
-                timeout=FORMAT_TIMEOUT if eager else DEFAULT_TIMEOUT)  # fmt: skip
-        elif fs_type == "xfs":
-            run(["mkfs.xfs", "-f", "-q", "-K", *extra, device])
-        else:
-            raise Internal(f"no mkfs for {fs_type}")
+        argv = cmd.mkfs(device, fs_type, eager=eager, layout=extra)
+        # only ext4's eager mkfs writes whole inode tables and the journal now
+        slow = eager and fs_type == "ext4"
+        self.runner(argv, timeout=FORMAT_TIMEOUT if slow else DEFAULT_TIMEOUT)
 
     def _zero(self, device: str, ranges: list[tuple[int, int]]) -> None:
         """Write zeros over byte ranges of a block device, with O_DIRECT (page-aligned buffer)."""
@@ -464,33 +445,38 @@ class LinuxHost:
             os.close(fd)
 
     def mount(self, source: str, target: str, fs_type: str, options: list[str]) -> None:
-        opts = list(options)
-        if fs_type == "ext4":
-            opts.append("noinit_itable")  # keep sparse files sparse: no background zeroing
-        run(["mount", "-t", fs_type, "-o", ",".join(opts), source, target])
+        self.runner(cmd.mount(source, target, fs_type, options))
 
     def bind_mount(self, source: str, target: str, options: list[str]) -> None:
         """Bind ``source`` (a staged directory or a device node) onto ``target``, then remount
         the bind with the per-mount flags: a plain ``--bind`` ignores ro/nosuid/nodev."""
-        flags = [f for f in options if f in BIND_FLAGS]
-        run(["mount", "--bind", source, target])
+        self.runner(cmd.bind_mount(source, target))
         try:
-            run(["mount", "-o", ",".join(["remount", "bind", *flags]), target])
+            self.runner(cmd.bind_remount(target, options))
         except Internal:
             with contextlib.suppress(Internal):
-                run(["umount", target])  # never leave a bind without its nosuid/nodev/ro
+                self.runner(cmd.umount(target))  # never leave a bind without its nosuid/nodev/ro
             raise
 
     def is_mountpoint(self, path: str) -> bool:
-        return any(point == path for point, _, _ in read_mountinfo())
+        return any(point == path for point, _, _ in self._mountinfo())
 
     def _dm_dir(self, name: str) -> str | None:
         kname = self._dm_names().get(name)
         return os.path.join(self.sysfs, "block", kname) if kname else None
 
+    @staticmethod
+    def _dm_dev(directory: str) -> tuple[str, int]:
+        """The mapping's device number from its sysfs dir: as mountinfo writes it
+        ("major:minor") and as ``st_rdev``."""
+        with open(os.path.join(directory, "dev")) as f:
+            dev = f.read().strip()
+        major, minor = (int(n) for n in dev.split(":"))
+        return dev, os.makedev(major, minor)
+
     def _dm_open_count(self, name: str) -> int:
         """How many times the kernel has the mapping open (mounts of one filesystem share one)."""
-        out = run(["dmsetup", "info", "-c", "--noheadings", "-o", "open", name])
+        out = self.runner(cmd.dmsetup_open_count(name))
         try:
             return int(out.strip())
         except ValueError:
@@ -515,13 +501,10 @@ class LinuxHost:
         if directory is None:
             return []
         kname = os.path.basename(directory)
-        with open(os.path.join(directory, "dev")) as f:
-            dev = f.read().strip()
-        major, minor = (int(n) for n in dev.split(":"))
-        rdev = os.makedev(major, minor)
+        dev, rdev = self._dm_dev(directory)
         uses = []
         mounted = False
-        for entry in read_mounts():
+        for entry in self._mounts():
             if entry.dev == dev:
                 mounted = True
                 uses.append(MappingUse("mounted", entry.point))
@@ -540,16 +523,13 @@ class LinuxHost:
         directory = self._dm_dir(name)
         if directory is None:
             return False
-        with open(os.path.join(directory, "dev")) as f:
-            dev = f.read().strip()
-        major, minor = (int(n) for n in dev.split(":"))
-        visible = [e for e in read_mounts() if e.point == path]
+        dev, rdev = self._dm_dev(directory)
+        visible = [e for e in self._mounts() if e.point == path]
         if not visible:
             return False
         entry = visible[-1]  # the last entry wins: it is the visible one
-        kname = os.path.basename(directory)
-        return entry.dev == dev or self._binds_device(entry, kname, name,
-                                                      os.makedev(major, minor))  # fmt: skip
+        return entry.dev == dev or self._binds_device(entry, os.path.basename(directory), name,
+                                                      rdev)  # fmt: skip
 
     def temporary_mappings_on(self, device: str) -> list[str]:
         """cryptsetup's own short-lived mappings (``temporary-cryptsetup-*``, made while it
@@ -578,7 +558,7 @@ class LinuxHost:
         if name not in self._dm_names():
             return
         try:
-            run(["dmsetup", "remove", "--retry", name])
+            self.runner(cmd.dmsetup_remove(name))
         except CommandFailed as exc:
             if name in self._dm_names():
                 if "busy" in exc.stderr.lower() or "in use" in exc.stderr:
@@ -587,7 +567,7 @@ class LinuxHost:
 
     def umount(self, target: str) -> None:
         try:
-            run(["umount", target])
+            self.runner(cmd.umount(target))
         except CommandFailed as exc:
             if "busy" in exc.stderr.lower():
                 raise Busy(
@@ -600,13 +580,13 @@ class LinuxHost:
 
     def mount_source(self, target: str) -> str | None:
         found = None
-        for point, source, _ in read_mountinfo():
+        for point, source, _ in self._mountinfo():
             if point == target:
                 found = source  # the last entry wins: it is the visible one
         return found
 
     def mountpoints_of(self, source: str) -> list[str]:
-        return [point for point, src, _ in read_mountinfo() if src == source]
+        return [point for point, src, _ in self._mountinfo() if src == source]
 
 
     def fs_stats(self, path: str) -> FsStats:
@@ -631,23 +611,18 @@ class LinuxHost:
     def fs_grow(self, device: str, mount_point: str, fs_type: str) -> None:
         """Grow a mounted filesystem to its device (both tools work online and are no-ops when
         there is nothing to grow)."""
-        if fs_type == "ext4":
-            run(["resize2fs", device], timeout=GROW_TIMEOUT)
-        elif fs_type == "xfs":
-            run(["xfs_growfs", mount_point], timeout=GROW_TIMEOUT)
-        else:
-            raise Internal(f"cannot grow {fs_type}")
+        self.runner(cmd.fs_grow(device, mount_point, fs_type), timeout=GROW_TIMEOUT)
 
     # readiness ---------------------------------------------------------------------------
     def missing_requirements(self) -> list[str]:
         missing = [tool for tool in REQUIRED_TOOLS if shutil.which(tool, path=_PATH) is None]
-        control = "/dev/mapper/control"
+        control = os.path.join(self.dev, "mapper", "control")
         if not (
             os.path.exists(control)
             and stat.S_ISCHR(os.stat(control).st_mode)
-            and _kernel_has_device_mapper()
+            and _kernel_has_device_mapper(os.path.join(self.proc, "misc"))
         ):
-            missing.append("device-mapper (/dev/mapper/control)")
+            missing.append(f"device-mapper ({control})")
         return missing
 
 
@@ -659,11 +634,11 @@ for _name, _method in list(vars(LinuxHost).items()):
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-def _kernel_has_device_mapper() -> bool:
+def _kernel_has_device_mapper(misc: str = "/proc/misc") -> bool:
     """A /dev/mapper/control node can exist where the kernel has no device-mapper (containers
     with a copied /dev): the kernel's own list of misc devices is the truth."""
     try:
-        with open("/proc/misc") as f:
+        with open(misc) as f:
             return any(line.split()[-1:] == ["device-mapper"] for line in f)
     except OSError:
         return False

@@ -34,16 +34,16 @@ import time
 from collections.abc import Iterator
 
 from csi.errors import DriverError, FailedPrecondition, Internal, ResourceExhausted, Unavailable
+from csi.host import commands as cmd
 from csi.host.qmp import CONNECT_TIMEOUT, REPLY_TIMEOUT, Qmp, QmpError, records
-from csi.host.runner import CommandFailed, run
+from csi.host.runner import CommandFailed, Runner, run
 
 log = logging.getLogger(__name__)
 
 EXPORT_PREFIX = "luks-eph-"
-CREATE_TIMEOUT = 900.0  # preallocation=falloc of a big image
+CREATE_TIMEOUT = cmd.QEMU_IMG_CREATE_TIMEOUT
 DISCONNECT_TIMEOUT = 10.0
 PID_TIMEOUT = 2.0  # for the kernel to show who connected a device nbd-client just connected
-BLOCK_SIZE = "4096"
 TOOL_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NBD_DEVICE = re.compile(r"/dev/nbd[0-9]+")
 
@@ -92,7 +92,10 @@ class Qcow2Nbd:
         alive_wait: float = ALIVE_WAIT,
         alive_timeout: float = ALIVE_TIMEOUT,
         alive_backoff: float = ALIVE_BACKOFF,
+        runner: Runner | None = None,
     ) -> None:
+        """``runner`` runs qemu-img, nbd-client and modprobe (``None``: ``csi.host.runner.run``,
+        looked up in this module at each call so a test may patch ``csi.host.nbd.run``)."""
         self.qmp_socket = qmp_socket
         self.nbd_socket = os.path.join(os.path.dirname(qmp_socket), "nbd.sock")
         self.claims_dir = claims_dir
@@ -108,13 +111,17 @@ class Qcow2Nbd:
         self._state = threading.Lock()  # guards the two fields below; never held across I/O
         self._served: set[str] | None = None  # our exports as qsd last listed them; None: never
         self._alive_retry_at = 0.0
+        self._runner = runner
+
+    @property
+    def runner(self) -> Runner:
+        return run if self._runner is None else self._runner
 
     # images ------------------------------------------------------------------------------
     def create(self, path: str, size: int, preallocate: bool) -> None:
-        mode = "falloc" if preallocate else "off"
         try:
-            run(["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"preallocation={mode}",
-                 path, str(size)], timeout=CREATE_TIMEOUT)  # fmt: skip
+            self.runner(cmd.qemu_img_create(path, size, preallocate=preallocate),
+                        timeout=CREATE_TIMEOUT)  # fmt: skip
         except Exception:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
@@ -255,8 +262,7 @@ class Qcow2Nbd:
             device = self._free_device()
             self._write_claim(export, device)
         try:
-            run(["nbd-client", "-unix", self.nbd_socket, device, "-N", export,
-                 "-b", BLOCK_SIZE])  # fmt: skip
+            self.runner(cmd.nbd_connect(self.nbd_socket, device, export))
         except Exception:
             # e.g. another NBD user took the device first: it is not ours to disconnect; the
             # export stays claimed, so detach (rollback) still removes it
@@ -305,7 +311,7 @@ class Qcow2Nbd:
     def _free_device(self) -> str:
         if not glob.glob(os.path.join(self.sysfs, "block", "nbd*")):
             with contextlib.suppress(CommandFailed, FileNotFoundError):
-                run(["modprobe", "nbd", "nbds_max=128"])
+                self.runner(cmd.modprobe_nbd())
         claimed = {device for device, _ in self._claimed().values()}
         devices = glob.glob(os.path.join(self.sysfs, "block", "nbd*"))
         if not devices:
@@ -338,7 +344,7 @@ class Qcow2Nbd:
             return
         device = self._ours(export)
         if device is not None:
-            run(["nbd-client", "-d", device])
+            self.runner(cmd.nbd_disconnect(device))
             deadline = time.monotonic() + DISCONNECT_TIMEOUT
             while self._connected(device) and time.monotonic() < deadline:
                 time.sleep(0.05)

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Sequence
+from typing import Protocol
 
 from csi.errors import Internal
 
@@ -37,6 +38,19 @@ class ToolMissing(Internal):
     def __init__(self, tool: str) -> None:
         self.tool = tool
         super().__init__(f"{tool} is not installed on this node")
+
+
+class Runner(Protocol):
+    """What runs a command for the host: ``run`` below, or a scripted stand-in in tests.
+    Returns stdout; raises CommandFailed, CommandTimeout or ToolMissing."""
+
+    def __call__(
+        self,
+        argv: Sequence[str],
+        *,
+        stdin: memoryview | bytes | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> str: ...
 
 
 def _environment() -> dict[str, str]:
