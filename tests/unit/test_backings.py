@@ -13,10 +13,11 @@ import pytest
 from csi import backings, ids, metrics, params
 from csi.backings import REGISTRY, Backing
 from csi.params import MiB, VolumeSpec
+from csi.volumes import PublishRequest
+from tests.unit.harness import Harness
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "charts" / "luks-ephemeral-csi" / "values.schema.json"
-
 
 def test_parameter_values_metric_labels_and_chart_enum_all_come_from_the_registry() -> None:
     names = tuple(REGISTRY)
@@ -29,7 +30,6 @@ def test_parameter_values_metric_labels_and_chart_enum_all_come_from_the_registr
         "backing"]["enum"]  # fmt: skip
     assert tuple(enum) == names, "the chart's StorageClass schema must offer exactly the registry"
 
-
 def test_growth_classes_in_volume_ids_come_from_the_backings() -> None:
     words = set().union(*(cls.FIXED_REASONS for cls in REGISTRY.values()))
     assert set(ids.FIXED_REASONS) == words == {"qcow2", "integrity"}
@@ -38,7 +38,6 @@ def test_growth_classes_in_volume_ids_come_from_the_backings() -> None:
     assert ids.node_of(f"node-a/{'0' * 32}.sparse") is None
     spec = VolumeSpec(size=64 * MiB, backing="qcow2", integrity="hmac-sha256")
     assert ids.provisioned_id("node-a", "pvc-1", spec).endswith(".qcow2")
-
 
 @pytest.mark.parametrize("name", list(REGISTRY))
 @pytest.mark.parametrize("header", ["detached", "attached"])
@@ -53,13 +52,11 @@ def test_largest_fitting_is_the_inverse_of_disk_bytes(name: str, header: str) ->
         biggest = VolumeSpec(size=fits // MiB * MiB, backing=name, header=header)
         assert cls.disk_bytes(biggest) <= need
 
-
 def test_every_backing_implements_the_whole_contract() -> None:
     for cls in REGISTRY.values():
         assert issubclass(cls, Backing)
         assert not getattr(cls, "__abstractmethods__", None), f"{cls.name} leaves methods abstract"
         assert cls.name in REGISTRY and REGISTRY[cls.name] is cls
-
 
 def _switches_on_a_backing_name(path: Path) -> list[str]:
     """Comparisons with a registry name (``x == "qcow2"``, ``x in ("loop", ...)``)."""
@@ -75,7 +72,6 @@ def _switches_on_a_backing_name(path: Path) -> list[str]:
                 found.append(f"{path.name}:{node.lineno}")
     return found
 
-
 def test_no_module_outside_the_backings_switches_on_a_backing_name() -> None:
     offenders = []
     for path in sorted((REPO / "csi").rglob("*.py")):
@@ -84,8 +80,27 @@ def test_no_module_outside_the_backings_switches_on_a_backing_name() -> None:
         offenders += _switches_on_a_backing_name(path)
     assert offenders == []
 
-
 def test_the_switch_finder_finds_a_switch(tmp_path: Path) -> None:
     sample = tmp_path / "sample.py"
     sample.write_text('def f(b: str) -> bool:\n    return b == "qcow2" or b in ("loop",)\n')
     assert _switches_on_a_backing_name(sample) == ["sample.py:2", "sample.py:2"]
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_wipe_key_takes_the_key_from_a_volume_in_use_and_release_still_shreds(name: str) -> None:
+
+    h = Harness()
+    if name == "qcow2":
+        h.host.qsd_running = True
+    request = PublishRequest(h.volume_id("pod-a"), h.target("pod-a"),
+                             VolumeSpec(size=64 * MiB, backing=name))  # fmt: skip
+    if h.volumes.backing_of(request.spec).unavailable():
+        pytest.skip(f"the harness offers no {name} backing")
+    h.volumes.publish(request)
+    names = h.volumes.names(request.volume_id)
+    backing = h.volumes.backings[name]
+    backing.wipe_key(names, request.spec)  # the volume is mounted: a polite release would refuse
+    assert names.mapping in h.host.wiped and names.mapping not in h.host.keyring
+    backing.wipe_key(names, request.spec)  # again: nothing more to do
+    h.volumes.unpublish(request.volume_id, request.target_path)
+    assert not h.host.crypt_exists(names.mapping) and not h.host.exists(names.backing)
+    assert names.mapping not in h.host.wiped

@@ -14,8 +14,9 @@ import os
 import grpc
 import pytest
 
+from csi.backings.luks import MAPPING_PREFIX
 from csi.host.fake import FakeFile
-from csi.journal import CREATING, MAPPING_PREFIX, PUBLISHED, Journal
+from csi.journal import CREATING, PUBLISHED, Journal
 from csi.node import spec_from_request
 from csi.volumes import PUBLISH_STEPS, PublishRequest
 from tests.unit.harness import CrashAfter, Harness, SimulatedCrash, code_of

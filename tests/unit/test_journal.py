@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from csi.backings.luks import MAPPING_PREFIX
 from csi.errors import DriverError, FailedPrecondition, Internal, ResourceExhausted
 from csi.journal import (
     CREATING,
-    MAPPING_PREFIX,
     PUBLISHED,
     STAGED,
     Journal,

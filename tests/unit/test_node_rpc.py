@@ -9,8 +9,9 @@ from typing import Any
 import grpc
 import pytest
 
+from csi.backings.luks import ATTACHED_HEADER_BYTES
 from csi.journal import Names
-from csi.params import ATTACHED_HEADER_BYTES, MiB
+from csi.params import MiB
 from csi.proto import csi_pb2 as pb
 from csi.tools.kubelet import InlineVolume
 from tests.unit.harness import Harness, code_of

@@ -7,9 +7,9 @@ from dataclasses import replace
 
 import pytest
 
+from csi.backings.luks import ATTACHED_HEADER_BYTES
 from csi.errors import InvalidArgument
 from csi.params import (
-    ATTACHED_HEADER_BYTES,
     MAX_KEY_LENGTH,
     MAX_MOUNT_FLAGS,
     MAX_QUANTITY_LENGTH,
