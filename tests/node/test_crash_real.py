@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from csi.__main__ import CRASH_ENV
-from csi.volumes import PUBLISH_STEPS
+from csi.steps import PUBLISH_STEPS
 from tests.node.conftest import Driver, crypt_mappings, leftovers, loops_on, sh
 
 

@@ -18,11 +18,11 @@ from csi.backings.luks import MAPPING_PREFIX
 from csi.host.fake import FakeFile
 from csi.journal import CREATING, PUBLISHED, Journal
 from csi.node import spec_from_request
-from csi.volumes import PUBLISH_STEPS, PublishRequest
+from csi.steps import PUBLISH_STEPS, TEARDOWN_STEPS
+from csi.volumes import PublishRequest
 from tests.unit.harness import CrashAfter, Harness, SimulatedCrash, code_of
 
 SIZE = {"size": "64Mi"}
-TEARDOWN_STEPS = ("unmount", "close", "detach", "delete", "forget")
 PUBLISH_HOST_STEPS = (
     "create_backing", "loop_attach", "luks_format", "crypt_open", "mkfs", "mount",
     "set_volume_root",

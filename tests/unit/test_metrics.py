@@ -16,7 +16,7 @@ from csi.host.fake import FakeFile
 from csi.journal import Journal, Record, volume_digest
 from csi.metrics import Metrics, parse_address
 from csi.metrics import serve as serve_metrics
-from csi.volumes import PUBLISH_STEPS
+from csi.steps import PUBLISH_STEPS, TEARDOWN_STEPS
 from tests.unit.harness import code_of
 from tests.unit.metrics_harness import MetricsHarness, Scrape
 
@@ -25,7 +25,6 @@ GiB = 1024**3
 DRIVER = "luks-ephemeral.csi.io"
 PUBLISH = "NodePublishVolume"
 UNPUBLISH = "NodeUnpublishVolume"
-TEARDOWN_STEPS = ("unmount", "close", "detach", "delete", "forget")
 OPS = "csi_plugin_operations_seconds_count"
 SET_ASIDE = "luks_ephemeral_journal_records_set_aside_total"
 

@@ -10,12 +10,11 @@ import pytest
 from csi.backings.qcow2 import QCOW2_METADATA_BYTES
 from csi.journal import PUBLISHED, STAGED
 from csi.params import VolumeSpec
-from csi.volumes import PUBLISH_STEPS
+from csi.steps import PUBLISH_STEPS, TEARDOWN_STEPS
 from tests.unit.harness import Harness, fails
 
 MiB = 1024**2
 QCOW2 = {"size": "64Mi", "backing": "qcow2"}
-TEARDOWN_STEPS = ("unmount", "close", "detach", "delete", "forget")
 
 
 def assert_live_qcow2(h: Harness, pod: str = "pod-a") -> str:
