@@ -35,7 +35,7 @@ class VolumeInfo:
     record: Record
     names: Names
     allocated_bytes: int
-    loop_device: str | None  # the backing's own device (loop or NBD), if any
+    device: str | None  # the backing's own device (loop or NBD), if any
     mapping_open: bool
     mounted: bool
 
@@ -103,7 +103,7 @@ class Inspector:
                         record=record,
                         names=names,
                         allocated_bytes=self.host.allocated_bytes(names.backing),
-                        loop_device=backing.attached(names),
+                        device=backing.attached(names),
                         mapping_open=backing.find(names) is not None,
                         mounted=self._mounted(names, record),
                     )

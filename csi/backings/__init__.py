@@ -23,13 +23,18 @@ What each method promises:
 * ``find(names)``: that same device if it is prepared now (after a restart), else ``None``.
 * ``attached(names)``: the backing's own device (a loop or NBD device) if it has one now.
 * ``health(names, spec)``: what is wrong with a prepared volume, in words ([] when healthy).
+* ``in_use(names, ignore)`` / ``check_releasable``: who holds the volume, from the kernel (open
+  counts, holders, every mount by device number), leaving out a mount at ``ignore`` (the primary
+  path the lifecycle is about to unexpose): asked before anything is undone.
+* ``before_release(names)``: what must happen first for "in use" to be answerable (qcow2: drop
+  an NBD device whose export died, or unmount would hang).
 * ``grow(names, spec, size)``: make the prepared volume ``size`` bytes, or raise InvalidArgument
   saying why it cannot.
 * ``release(names)``: close (wiping the key from the kernel), detach and delete; polite: refuses
   with Busy, changing nothing, while anything holds the volume. True if a backing file existed
   (its data is now crypto-shredded).
-* ``wipe_key(names)``: forced: the key leaves the kernel now, even while the volume is in use
-  (the node-wide emergency wipe); its I/O fails from then on.
+* ``wipe_key(names, spec)``: forced: the key leaves the kernel now, even while the volume is in
+  use (the node-wide emergency wipe); the mapping is suspended and no I/O reaches the data.
 * ``orphans(known)``: its objects that no record accounts for (digests not in ``known``), each
   removable with ``remove_orphan``, which refuses (Busy) while the object is in use.
 """
