@@ -10,12 +10,13 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from csi.tools.driver import Driver, DriverFailed
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -47,12 +48,12 @@ def main() -> int:
     base = Path(tempfile.mkdtemp(prefix="lec-demo-", dir="/tmp"))
     run_dir = Path(tempfile.mkdtemp(prefix="lec-demo-", dir="/run"))
     disk, data, kubelet = base / "node-disk.img", base / "data", base / "kubelet"
-    endpoint = f"unix://{run_dir}/csi.sock"
+    endpoint = f"unix://{run_dir}/csi.sock"  # the one Driver below listens on
     common = ["--state-dir", str(run_dir / "state"), "--data-dir", str(data)]
     client = [PY, "-m", "csi.tools.kubelet", "--endpoint", endpoint, "--kubelet-root",
               str(kubelet)]  # fmt: skip
     pod = ["--pod-uid", "0b5c2f6e-demo-4d6b-9f1e-7c2a", "--volume", "scratch"]
-    driver = None
+    driver: Driver | None = None
     try:
         step("a node disk for backing files (an ext4 filesystem on a sparse image)")
         data.mkdir()
@@ -61,18 +62,15 @@ def main() -> int:
         run("mount", "-o", "loop", str(disk), str(data))
 
         step("start the driver (node plugin) on a unix socket")
-        log_path = base / "driver.log"
-        with open(log_path, "wb") as log:
-            driver = subprocess.Popen(
-                [PY, "-m", "csi", "node", "--endpoint", endpoint, "--node-id", "demo-node",
-                 "--kubelet-root", str(kubelet), *common],
-                stdout=log, stderr=log, cwd=REPO,
-            )  # fmt: skip
-        while not (run_dir / "csi.sock").exists():
-            if driver.poll() is not None:
-                print(log_path.read_text())
-                raise SystemExit("demo: driver did not start")
-            time.sleep(0.2)
+        driver = Driver(
+            run_dir=run_dir, state_dir=run_dir / "state", data_dir=data, kubelet_root=kubelet,
+            log_path=base / "driver.log", node_id="demo-node",
+        )  # fmt: skip
+        try:
+            driver.start()
+        except DriverFailed:
+            print(driver.log())
+            raise SystemExit("demo: driver did not start") from None
         run(*client, "probe")
 
         step("kubelet publishes a 1 GiB inline ephemeral volume for a pod")
@@ -121,10 +119,9 @@ def main() -> int:
         ok = not (mappings or loops or keys or images or headers or mounted)
     finally:
         step("stop the driver (SIGTERM: in-flight RPCs finish, socket removed)")
-        if driver is not None and driver.poll() is None:
-            driver.send_signal(signal.SIGTERM)
-            print(f"driver exited with {driver.wait(60)}; socket present: "
-                  f"{(run_dir / 'csi.sock').exists()}")
+        if driver is not None and driver.running():
+            print(f"driver exited with {driver.stop(60)}; socket present: "
+                  f"{driver.socket.exists()}")
         subprocess.run(["umount", str(data)], check=False)
         shutil.rmtree(base, ignore_errors=True)
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -9,21 +9,20 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
 import pytest
 
 from csi.journal import Names
-from csi.tools.kubelet import InlineVolume, Kubelet, Provisioner, PvcVolume
+from csi.tools.driver import REPO
+from csi.tools.driver import Driver as DriverProcess
+from csi.tools.kubelet import InlineVolume, Provisioner, PvcVolume
 
-REPO = Path(__file__).resolve().parents[2]
+__all__ = ["REPO"]  # test_sanity imports it from here
 
 
 def _missing() -> list[str]:
@@ -73,84 +72,32 @@ class SmallFs:
         self.image.unlink(missing_ok=True)
 
 
-class Driver:
-    """The real ``python -m csi node`` process, as a DaemonSet would run it."""
+class Driver(DriverProcess):
+    """The real ``python -m csi node`` (or ``all``) process, as a DaemonSet would run it."""
 
     def __init__(self, base: Path, data_dir: Path, *extra: str, mode: str = "node") -> None:
-        self.mode = mode
         self.base = base
-        self.run_dir = Path(tempfile.mkdtemp(prefix="lec-", dir="/run"))
-        self.state_dir = self.run_dir / "state"
-        self.data_dir = data_dir
-        self.kubelet_root = base / "kubelet"
-        self.kubelet_root.mkdir(parents=True, exist_ok=True)
-        self.endpoint = f"unix://{self.run_dir}/csi.sock"
-        self.log_path = base / f"driver-{os.path.basename(self.run_dir)}.log"
-        self.extra = list(extra)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.kubelet: Kubelet | None = None
+        run_dir = Path(tempfile.mkdtemp(prefix="lec-", dir="/run"))
+        super().__init__(
+            run_dir=run_dir, state_dir=run_dir / "state", data_dir=data_dir,
+            kubelet_root=base / "kubelet", log_path=base / f"driver-{run_dir.name}.log",
+            node_id="node-test", mode=mode, extra_args=["--min-size", "16Mi", *extra],
+        )  # fmt: skip
         self.provisioner: Provisioner | None = None
 
-    def start(self, env: dict[str, str] | None = None) -> None:
-        argv = [sys.executable, "-m", "csi", self.mode, "--endpoint", self.endpoint,
-                "--node-id", "node-test", "--state-dir", str(self.state_dir),
-                "--data-dir", str(self.data_dir), "--kubelet-root", str(self.kubelet_root),
-                "--min-size", "16Mi", *self.extra]  # fmt: skip
-        full_env = {**os.environ, **(env or {})}
-        socket_path = Path(self.endpoint[len("unix://"):])
-        socket_path.unlink(missing_ok=True)  # a SIGKILLed driver leaves its socket behind
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=full_env, cwd=REPO)
-        log.close()
-        self.kubelet = Kubelet(self.endpoint, str(self.kubelet_root), timeout=600)
-        deadline = time.monotonic() + 600  # python start-up under emulation is slow
-        while not socket_path.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"driver exited at start-up:\n{self.log()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"driver did not start:\n{self.log()}")
-            time.sleep(0.1)
-        self.kubelet.wait_ready(300)
-        self.provisioner = Provisioner(self.kubelet.channel, "luks-ephemeral.csi.io", timeout=600)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @property
-    def k(self) -> Kubelet:
-        assert self.kubelet is not None
-        return self.kubelet
+    def start(self, env: Mapping[str, str] | None = None, timeout: float = 600.0) -> None:
+        super().start(env, timeout)
+        channel = self.connect(timeout=600, ready_timeout=300).channel
+        self.provisioner = Provisioner(channel, "luks-ephemeral.csi.io", timeout=600)
 
     @property
     def p(self) -> Provisioner:
         assert self.provisioner is not None
         return self.provisioner
 
-    def kill(self) -> None:
-        """SIGKILL, like an OOM kill or a crashed container."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-        if self.kubelet is not None:
-            self.kubelet.close()
-
-    def wait_exit(self, timeout: float = 120) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(60)
-        if self.kubelet is not None:
-            self.kubelet.close()
-
     def restart(self, env: dict[str, str] | None = None) -> None:
         self.kill()
         self.start(env)
-
-    def names(self, pod: str, name: str = "scratch") -> Names:
-        return Names.of(Kubelet.volume_id(pod, name), str(self.data_dir), str(self.state_dir))
 
     def publish(self, pod: str, name: str = "scratch", **kwargs: object) -> str:
         request = self.k.publish(InlineVolume(pod, name, **kwargs))  # type: ignore[arg-type]
@@ -160,7 +107,7 @@ class Driver:
         self.k.unpublish(pod, name)
 
     def cleanup(self) -> None:
-        self.stop()
+        self.stop(60)
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -190,6 +137,16 @@ def driver(base: Path, data_fs: SmallFs) -> Iterator[Driver]:
     d.start()
     yield d
     d.cleanup()
+
+
+@pytest.fixture
+def d(base: Path, data_fs: SmallFs) -> Iterator[Driver]:
+    """The driver in ``all`` mode (node + controller): inline volumes and PVCs from one
+    process, so PVCs can be created and deleted; no metrics server."""
+    driver = Driver(base, data_fs.mountpoint, "--metrics-address", "", mode="all")
+    driver.start()
+    yield driver
+    driver.cleanup()
 
 
 # --- what the node's kernel says ----------------------------------------------------------

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -23,14 +22,6 @@ MiB = 1024**2
 GiB = 1024**3
 NODE = "node-test"
 WRITE = 128 * MiB
-
-
-@pytest.fixture
-def d(base: Path, data_fs: SmallFs) -> Iterator[Driver]:
-    driver = Driver(base, data_fs.mountpoint, "--metrics-address", "", mode="all")
-    driver.start()
-    yield driver
-    driver.cleanup()
 
 
 def allocated(path: str) -> int:

@@ -34,7 +34,6 @@ from csi.journal import Names
 from csi.tools.kubelet import PvcVolume
 from tests.node.conftest import (
     Driver,
-    SmallFs,
     leftovers,
     mountpoints,
     sh,
@@ -68,15 +67,6 @@ def udev_does_not_probe_our_devices() -> Iterator[None]:
     finally:
         UDEV_RULE.unlink(missing_ok=True)
         sh("udevadm", "control", "--reload", check=False)
-
-
-@pytest.fixture
-def d(base: Path, data_fs: SmallFs) -> Iterator[Driver]:
-    """The driver in ``all`` mode: inline volumes and PVCs from one process."""
-    driver = Driver(base, data_fs.mountpoint, "--metrics-address", "", mode="all")
-    driver.start()
-    yield driver
-    driver.cleanup()
 
 
 # --- the kernel's log ----------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -30,14 +29,6 @@ from tests.node.conftest import (
 
 MiB = 1024**2
 NODE = "node-test"
-
-
-@pytest.fixture
-def d(base: Path, data_fs: SmallFs) -> Iterator[Driver]:
-    driver = Driver(base, data_fs.mountpoint, "--metrics-address", "", mode="all")
-    driver.start()
-    yield driver
-    driver.cleanup()
 
 
 def names_of(d: Driver, pv: PvcVolume) -> Names:

@@ -17,7 +17,6 @@ import re
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -25,7 +24,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from tests.node.conftest import REPO, Driver, SmallFs, crypt_mappings, loops_on, mountpoints
+from tests.node.conftest import REPO, Driver, crypt_mappings, loops_on, mountpoints
 
 MiB = 1024**2
 VOLUME_SIZE = 64 * MiB
@@ -99,14 +98,6 @@ def sanity_binary() -> Path:
         return Path(tool.ensure_built(tarball))
     except tool.BuildError as exc:
         _unavailable(f"csi-sanity could not be built: {exc}")
-
-
-@pytest.fixture
-def d(base: Path, data_fs: SmallFs) -> Iterator[Driver]:
-    driver = Driver(base, data_fs.mountpoint, "--metrics-address", "", mode="all")
-    driver.start()
-    yield driver
-    driver.cleanup()
 
 
 @pytest.fixture

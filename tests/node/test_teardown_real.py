@@ -33,7 +33,6 @@ from csi.journal import Names
 from csi.tools.kubelet import Kubelet, PvcVolume
 from tests.node.conftest import (
     Driver,
-    SmallFs,
     crypt_mappings,
     leftovers,
     mountpoints,
@@ -49,13 +48,12 @@ TEMPORARY = "temporary-cryptsetup-"
 
 # --- fixtures -----------------------------------------------------------------------------
 @pytest.fixture
-def d(base: Path, data_fs: SmallFs) -> Iterator[Driver]:
-    """The driver in ``all`` mode (node + controller), so PVCs can be created and deleted."""
-    driver = Driver(base, data_fs.mountpoint, "--metrics-address", "", mode="all")
-    driver.start()
-    yield driver
-    driver.cleanup()
-    scrub(driver)
+def d(d: Driver) -> Iterator[Driver]:
+    """conftest's ``all``-mode driver; once it has stopped, whatever a failed test left of
+    ours is scrubbed (conftest's own cleanup then stops nothing more)."""
+    yield d
+    d.stop(60)
+    scrub(d)
 
 
 class Container:
