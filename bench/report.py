@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from csi.steps import PUBLISH_STEPS, TEARDOWN_STEPS
+
 REPO = Path(__file__).resolve().parents[1]
 
 FLOW_TITLES = {
@@ -35,8 +37,7 @@ INTEGRITY_TITLES = {
     "plain_small": "no integrity (reference)",
 }
 INTEGRITY_STEPS = ("format", "open", "mkfs", "mount")
-PUBLISH_STEPS = ("reserve", "create_backing", "attach", "format", "open", "mkfs", "mount", "record")
-UNPUBLISH_STEPS = ("unmount", "close", "detach", "delete", "forget")
+UNPUBLISH_STEPS = TEARDOWN_STEPS
 
 
 def fmt(value: Any, digits: int = 2, unit: str = "") -> str:

@@ -45,6 +45,12 @@ class Exposure(ABC):
         return self.host.fs_stats(path) if self.is_exposed(names, path) else None
 
 
+def filesystem_options(flags: tuple[str, ...] | list[str], *, readonly: bool) -> list[str]:
+    """A filesystem mount's options: ro or rw, always nosuid,nodev, then the asked flags."""
+    rest = [f for f in flags if f not in ("ro", "rw")]
+    return ["ro" if readonly or "ro" in flags else "rw", "nosuid", "nodev", *rest]
+
+
 class MountFilesystem(Exposure):
     """The volume's filesystem, mounted nosuid,nodev plus the asked flags; a writable mount
     first gets its root's owner and mode fixed (the pod's user may not be root)."""
@@ -53,18 +59,14 @@ class MountFilesystem(Exposure):
                  group: str) -> None:  # fmt: skip
         super().__init__(host)
         self.fs_type = fs_type
-        self.flags = [f for f in flags if f not in ("ro", "rw")]
-        self.readonly = readonly or "ro" in flags
+        self.options = filesystem_options(flags, readonly=readonly)
         self.group = int(group) if group else None
 
     def expose(self, names: Names, source: str, path: str) -> None:
         self.host.make_dir(path)
-        options = ["nosuid", "nodev", *self.flags]
-        if self.readonly:
-            self.host.mount(source, path, self.fs_type, ["ro", *options])
-            return
-        self.host.mount(source, path, self.fs_type, ["rw", *options])
-        self.host.set_volume_root(path, self.group)
+        self.host.mount(source, path, self.fs_type, self.options)
+        if self.options[0] == "rw":
+            self.host.set_volume_root(path, self.group)
 
 
 class BindDirectory(Exposure):

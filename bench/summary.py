@@ -1,0 +1,181 @@
+"""The results' summary: ratios, goals met or not, notes, and ``--only``'s merge into an
+earlier results file."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.common import ratio, say
+
+PHASES = ("latency", "concurrency", "footprint", "memory", "integrity")
+# Top-level results keys each phase writes (for --only, which merges them into an old file).
+PHASE_KEYS = {
+    "latency": ("latency", "handrun_script", "datapath_baselines", "mkfs_default"),
+    "footprint": ("footprint", "datapath"),
+    "memory": ("memory", "rss_idle_mib"),
+}
+
+# Goals (issue: make bench). A ratio goal compares p50 publish latencies.
+GOAL_HANDRUN_MAX = 1.15
+GOAL_CONVENTIONAL_MIN = 5.0
+GOAL_SPEEDUP_MIN = 1.5
+GOAL_ALLOC_MAX_MIB = 16.0
+GOAL_RSS_MAX_MIB = 80.0
+GOAL_INTEGRITY_MAX = 2.0  # integrity publish p50: 2 GiB / 256 MiB
+
+
+def goal(value: float | None, target: float, at_most: bool, unit: str) -> dict[str, Any]:
+    met = None if value is None else (value <= target if at_most else value >= target)
+    return {"target": f"{'<=' if at_most else '>='} {target:g}{unit}", "value": value, "met": met}
+
+
+def summarise(results: dict[str, Any]) -> dict[str, Any]:
+    env = results["environment"]
+    lat = results.get("latency", {}).get("flows", {})
+
+    def p50(flow: str, what: str = "publish") -> float | None:
+        v = lat.get(flow, {}).get("stats", {}).get(f"{what}_p50_s")
+        return float(v) if v is not None else None
+
+    conc = results.get("concurrency", {})
+    foot = results.get("footprint", {})
+    qcow2 = foot.get("qcow2") or {}
+    mem = results.get("memory", {})
+    integ = results.get("integrity", {})
+    integ_flows = integ.get("flows", {})
+
+    def integ_p50(flow: str) -> float | None:
+        v = integ_flows.get(flow, {}).get("stats", {}).get("publish_p50_s")
+        return float(v) if v is not None else None
+
+    summary: dict[str, Any] = {
+        "publish_vs_handrun_p50": ratio(p50("ours"), p50("handrun")),
+        "conventional_vs_ours_p50": ratio(p50("conventional"), p50("ours")),
+        "publish_vs_floor_p50": ratio(p50("ours"), p50("floor")),
+        "cycle_vs_handrun_p50": ratio(p50("ours", "cycle"), p50("handrun", "cycle")),
+        "cycle_conventional_vs_ours_p50": ratio(p50("conventional", "cycle"), p50("ours", "cycle")),
+        "cycle_vs_floor_p50": ratio(p50("ours", "cycle"), p50("floor", "cycle")),
+        "concurrency_speedup_16": conc.get("speedup"),
+        "concurrency_errors": conc.get("errors"),
+        "alloc_10g_mib": foot.get("alloc_mib"),
+        "alloc_10g_qcow2_mib": foot.get("qcow2_alloc_mib"),
+        "qcow2_publish_vs_loop": ratio(qcow2.get("publish_s"), foot.get("publish_s")),
+        "qcow2_unpublish_vs_loop": ratio(qcow2.get("unpublish_s"), foot.get("unpublish_s")),
+        "rss_idle_mib": mem.get("rss_idle_mib", results.get("rss_idle_mib")),
+        "rss_50_volumes_mib": mem.get("rss_with_volumes_mib"),
+        # integrity=hmac-sha256 filesystem volumes (keys name the sizes the bench uses)
+        "integrity_2g_vs_256m": integ.get("large_vs_small_p50"),
+        "integrity_publish_256m_p50_s": integ_p50("integrity_small"),
+        "integrity_publish_2g_p50_s": integ_p50("integrity_large"),
+        "plain_publish_256m_p50_s": integ_p50("plain_small"),
+        "integrity_256m_vs_plain_256m": integ.get("integrity_vs_plain_small_p50"),
+        "kernel": env["kernel"],
+        "emulated": env["emulated"],
+        "date": results["date"],
+    }
+    summary["goals"] = {
+        "publish_vs_handrun_p50": goal(
+            summary["publish_vs_handrun_p50"], GOAL_HANDRUN_MAX, True, "x"
+        ),
+        "conventional_vs_ours_p50": goal(
+            summary["conventional_vs_ours_p50"], GOAL_CONVENTIONAL_MIN, False, "x"
+        ),
+        "concurrency_speedup_16": goal(
+            summary["concurrency_speedup_16"], GOAL_SPEEDUP_MIN, False, "x"
+        ),
+        "alloc_10g_mib": goal(summary["alloc_10g_mib"], GOAL_ALLOC_MAX_MIB, True, " MiB"),
+        "rss_50_volumes_mib": goal(summary["rss_50_volumes_mib"], GOAL_RSS_MAX_MIB, True, " MiB"),
+        "integrity_2g_vs_256m": goal(
+            summary["integrity_2g_vs_256m"], GOAL_INTEGRITY_MAX, True, "x"
+        ),
+    }
+    if conc and conc.get("errors"):
+        summary["goals"]["concurrency_speedup_16"]["met"] = False  # zero errors is part of it
+    if integ and integ.get("errors"):
+        summary["goals"]["integrity_2g_vs_256m"]["met"] = False  # every publish must work
+    return summary
+
+
+def merged(path: Path, fresh: dict[str, Any], phases: Sequence[str]) -> dict[str, Any]:
+    """``--only``: the results file as it was, with the sections of ``phases`` (and their
+    config) taken from this run; without a readable file, this run's results alone."""
+    try:
+        old: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        say(f"--only: {path} not readable ({exc}); writing this run's results alone")
+        return fresh
+    out = dict(old)
+    for phase in phases:
+        for key in PHASE_KEYS.get(phase, (phase,)):
+            if key in fresh:
+                out[key] = fresh[key]
+    config = dict(old.get("config", {}))
+    for key in ("integrity_sizes", "integrity_cycles"):
+        if "integrity" in phases:
+            config[key] = fresh["config"][key]
+    config["phases"] = sorted(set(config.get("phases", [])) | set(phases), key=PHASES.index)
+    config.setdefault("merged_runs", []).append(
+        {"date": fresh["date"], "phases": list(phases), "kernel": fresh["environment"]["kernel"]}
+    )
+    out["config"] = config
+    return out
+
+
+def notes(results: dict[str, Any]) -> list[str]:
+    out = []
+    if results["environment"]["emulated"]:
+        out.append(
+            "Run under software emulation (QEMU TCG): absolute times are 10-50x real "
+            "hardware; compare ratios only. On hardware cryptsetup calibrates argon2id to "
+            "its default --iter-time (2000 ms per unlock); under emulation even the minimum "
+            "cost (see datapath_baselines.conventional.keyslot_kdf) takes longer than that, "
+            "so the conventional flow's KDF is inflated like every other CPU-bound step."
+        )
+    out.append(
+        "Ratios compare p50 publish latencies (the summary's cycle_* keys compare "
+        "publish+unpublish)."
+    )
+    out.append(
+        "Baselines create the sparse file in-process without the driver's fsync, and "
+        "skip the driver's journal, checks and chmod: they are the cheapest possible."
+    )
+    out.append(
+        "Conventional: the backing file is 16 MiB larger to hold the on-device LUKS2 "
+        "header; mkfs is a plain `mkfs.ext4 -F -q` (see mkfs_default)."
+    )
+    out.append(
+        "The driver serves Prometheus metrics on 127.0.0.1 (step times are scraped "
+        "from luks_ephemeral_step_seconds); its RSS includes that HTTP server."
+    )
+    if results["config"].get("driver_qsd_socket"):
+        out.append(
+            "The driver ran with --qsd-socket (as with the chart's default qcow2.enabled), "
+            "pointing at a qemu-storage-daemon the bench ran as its own daemon; loop volumes "
+            "never talk to it (their teardown skips the NBD step)."
+        )
+    integ = results.get("integrity")
+    if integ:
+        when = integ.get("measured", {}).get("date")
+        out.append(
+            "Integrity: integrity=hmac-sha256 ext4 volumes are formatted without the "
+            "dm-integrity wipe (--integrity-no-wipe) and made with eager metadata "
+            "(lazy_itable_init=0, lazy_journal_init=0); p50 of "
+            f"{integ.get('cycles')} publishes per size, interleaved"
+            + (f", measured {when}" if when and when != results.get("date") else "")
+            + "; the step times are each publish's own."
+        )
+    foot = results.get("footprint")
+    if foot:
+        q = foot.get("qcow2")
+        if q:
+            out.append(
+                "Footprint: one volume per backing, loop first (the driver's first publish "
+                "since it started), then qcow2; each publish and unpublish time is one sample. "
+                "qcow2 allocation is st_blocks of the image file, as for loop's sparse file."
+            )
+        else:
+            out.append(f"Footprint: backing=qcow2 {foot.get('qcow2_note')}")
+    return out
