@@ -198,8 +198,11 @@ class Volumes:
         spec = record.spec
         if spec.access_type != "mount":
             return None
-        readonly = spec.readonly and not record.provisioned  # a staging mount is always rw
-        return MountFilesystem(self.host, spec.fs_type, spec.mount_flags, readonly=readonly,
+        flags = spec.mount_flags
+        if record.provisioned:  # a staging mount is always rw: each pod's bind says ro or rw
+            flags = tuple(f for f in flags if f not in ("ro", "rw"))
+        readonly = spec.readonly and not record.provisioned
+        return MountFilesystem(self.host, spec.fs_type, flags, readonly=readonly,
                                group=spec.mount_group)  # fmt: skip
 
     def expose_primary(self, names: Names, record: Record) -> None:
@@ -222,17 +225,22 @@ class Volumes:
             backing.before_release(names)
         exposure = self.primary_exposure(record) if record else Unrecorded(self.host)
         ours = self.check_releasable(names, record, primary)
-        with self.timed_step("unmount"):
-            if ours and exposure is not None:
-                exposure.unexpose(names, primary)
+        if record is not None or ours:
+            with self.timed_step("unmount"):
+                if ours and exposure is not None:
+                    exposure.unexpose(names, primary)
         try:
-            shredded = [backing.release(names) for backing in chosen]
+            shredded = chosen[0].release(names)
         except DriverError:
-            if record is not None and record.state in COMPLETE:
+            # an inline target this teardown unmounted, or a PVC's staging path whatever
+            # unmounted it (a crash after the unmount of an unstage): expose it again
+            if record is not None and record.state in COMPLETE and (ours or record.provisioned):
                 self._restore_primary(names, record)
             raise
-        if any(shredded):
+        if shredded:
             self.events.shredded()
+        for other in chosen[1:]:  # no record: whatever else may still hold a device of it
+            other.detach(names)
 
     def check_releasable(self, names: Names, record: Record | None, primary: str) -> bool:
         """Busy, changing nothing, unless the only holder of the volume is its exposure at
@@ -248,7 +256,7 @@ class Volumes:
 
     def _backings_for(self, names: Names, record: Record | None) -> list[Backing]:
         """The record's backing; with no record, the one that holds a device of the volume
-        first, then every other (each releases only what it finds)."""
+        first (it releases), then every other (each detaches what it may still hold)."""
         if record is not None:
             return [self.backing_of(record.spec)]
         every = list(self.backings.values())

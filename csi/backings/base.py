@@ -111,6 +111,11 @@ class Backing(ABC):
     def release(self, names: Names) -> bool: ...
 
     @abstractmethod
+    def detach(self, names: Names) -> None:
+        """Let go of any device this backing holds of the volume (nothing closed or deleted):
+        for a volume no record names, after the backing that held it released it."""
+
+    @abstractmethod
     def wipe_key(self, names: Names, spec: VolumeSpec) -> None: ...
 
     @abstractmethod

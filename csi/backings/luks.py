@@ -146,8 +146,7 @@ class Luks:
         names = volume_names(orphan.digest, self.context.data_dir, self.context.state_dir)
         self.host.crypt_close(mapping)
         for backing in backings:
-            if isinstance(backing, LuksFileBacking):
-                backing.detach(names)
+            backing.detach(names)
         self.host.remove_file(names.backing)
 
     def orphan_headers(self, known: set[str]) -> list[Orphan]:
@@ -178,8 +177,6 @@ class LuksFileBacking(Backing):
     @abstractmethod
     def _attach(self, names: Names) -> str: ...
 
-    @abstractmethod
-    def detach(self, names: Names) -> None: ...
 
     @abstractmethod
     def _device_health(self, names: Names) -> list[str]: ...

@@ -424,3 +424,16 @@ def test_reaper_ignores_provisioned_volumes(h: Harness) -> None:
     reaper = OrphanReaper(h.volumes, NoPods(), "node-1", grace_seconds=0, clock=lambda: 0.0)
     assert reaper.run_once() == [] and reaper.run_once() == []
     assert h.record(pv.volume_id).state == STAGED
+
+
+def test_a_ro_mount_flag_makes_the_pods_binds_ro_and_keeps_staging_rw(h: Harness) -> None:
+    """The staging mount is the driver's: always rw (its root is fixed up, and online growth
+    needs a writable filesystem); "ro" reaches each pod's bind."""
+    pv = dataclasses.replace(h.provision(size=64 * MiB), mount_flags=("ro", "noatime"))
+    staging = h.k.stage(pv)
+    assert h.host.mounts[staging].options == ["rw", "nosuid", "nodev", "noatime"]
+    assert f"set_volume_root {staging}" in h.host.calls
+    target = h.k.publish_pvc(pv, "pod-a")
+    assert h.host.mounts[target].options == ["ro", "nosuid", "nodev", "noatime"]
+    h.k.unpublish_pvc(pv, "pod-a")
+    finish(h, pv)

@@ -314,3 +314,18 @@ def test_the_same_name_with_another_growth_class_is_already_exists(h: Harness) -
                                            {"backing": "qcow2"})  # fmt: skip
     fails(lambda: h.controller.CreateVolume(request, timeout=30), grpc.StatusCode.ALREADY_EXISTS)
 
+
+
+def test_a_failed_close_mounts_again_only_a_target_this_teardown_unmounted(
+    harness: Harness,
+) -> None:
+    """Someone else unmounted the target: a close that then fails must not mount the volume
+    there again (over whatever is there now)."""
+    harness.publish("pod-a")
+    target, names = harness.target("pod-a"), harness.names("pod-a")
+    harness.host.mounts.pop(target)  # unmounted behind the driver's back
+    harness.host.fail("crypt_close", Internal("injected: close failed"))
+    with pytest.raises(grpc.RpcError):
+        harness.unpublish("pod-a")
+    assert target not in harness.host.mounts
+    assert harness.host.crypt_exists(names.mapping)
