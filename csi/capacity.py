@@ -29,11 +29,6 @@ class Usage:
     volumes: dict[tuple[str, str], int]
 
 
-def charge(record: Record) -> int:
-    """Bytes this volume holds against the node (``Record.charge``: its backing says)."""
-    return record.charge
-
-
 class Capacity:
     def __init__(self, config: Config, files: Files, journal: Journal,
                  names: Callable[[str], Names]) -> None:  # fmt: skip
@@ -47,7 +42,7 @@ class Capacity:
         """Count the volume at its full charge against the node's limits (the volume count, the
         admin's budget, and the data dir's free space minus what sparse volumes may still
         claim), then write its record atomically. Also used to grow a reservation."""
-        need = charge(record)
+        need = record.charge
         with self._lock:
             others = [r for r in self.journal.all() if r.volume_id != record.volume_id]
             if new_volume and len(others) >= self.config.max_volumes:
@@ -55,7 +50,7 @@ class Capacity:
                     f"this node already has {len(others)} volumes, its limit "
                     f"(--max-volumes={self.config.max_volumes})"
                 )
-            reserved = sum(charge(r) for r in others)
+            reserved = sum(r.charge for r in others)
             budget = self.config.capacity
             if budget and reserved + need > budget:
                 raise ResourceExhausted(
@@ -87,7 +82,7 @@ class Capacity:
             free = self.files.free_bytes(self.config.data_dir)
             room = free - sum(self._unallocated(r) for r in records)
             if self.config.capacity:
-                room = min(room, self.config.capacity - sum(charge(r) for r in records))
+                room = min(room, self.config.capacity - sum(r.charge for r in records))
             return max(0, room)
 
     def largest_volume(self, spec: VolumeSpec) -> int:
@@ -97,7 +92,7 @@ class Capacity:
     def _unallocated(self, record: Record) -> int:
         """Bytes a sparse volume may still claim from the data dir's free space."""
         allocated = self.files.allocated_bytes(self.names(record.volume_id).backing)
-        return max(0, charge(record) - allocated)
+        return max(0, record.charge - allocated)
 
     def usage(self) -> Usage:
         """Budget, reservations and real disk use, for metrics and GetCapacity."""
@@ -108,7 +103,7 @@ class Capacity:
             counts[key] = counts.get(key, 0) + 1
         return Usage(
             budget=self.config.capacity,
-            reserved=sum(charge(r) for r in records),
+            reserved=sum(r.charge for r in records),
             provisioned=sum(r.spec.size for r in records),
             allocated=sum(self.files.allocated_bytes(self.names(r.volume_id).backing)
                           for r in records),

@@ -69,24 +69,24 @@ class MountFilesystem(Exposure):
             self.host.set_volume_root(path, self.group)
 
 
-class BindDirectory(Exposure):
-    """A staging directory bound into a pod's target with that pod's options."""
+class Bind(Exposure):
+    """A bind mount into one pod's target, with that pod's options."""
 
     def __init__(self, host: Host, options: list[str]) -> None:
         super().__init__(host)
         self.options = options
+
+
+class BindDirectory(Bind):
+    """A staging directory bound into a pod's target."""
 
     def expose(self, names: Names, source: str, path: str) -> None:
         self.host.make_dir(path)
         self.host.bind_mount(source, path, self.options)
 
 
-class BindDevice(Exposure):
+class BindDevice(Bind):
     """A block volume's device node bound onto a file at the pod's target."""
-
-    def __init__(self, host: Host, options: list[str]) -> None:
-        super().__init__(host)
-        self.options = options
 
     def expose(self, names: Names, source: str, path: str) -> None:
         self.host.make_file(path)

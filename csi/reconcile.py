@@ -58,7 +58,7 @@ class Reconciler:
                         volumes.release_staged(record)
                         known.add(names.digest)
                     else:
-                        volumes._teardown(names, record.target_path, record)
+                        volumes.teardown(names, record.target_path, record)
                 report.rolled_back.append(record.volume_id)
             except Exception as exc:  # one bad volume never stops start-up for the others
                 if not isinstance(exc, DriverError):

@@ -223,8 +223,8 @@ class Volumes:
         chosen = self._backings_for(names, record)
         for backing in chosen:
             backing.before_release(names)
-        exposure = self.primary_exposure(record) if record else Unrecorded(self.host)
-        ours = self.check_releasable(names, record, primary)
+        exposure = self._exposure_for(record)
+        ours = self._check(names, chosen[0], exposure, primary)
         if record is not None or ours:
             with self.timed_step("unmount"):
                 if ours and exposure is not None:
@@ -245,9 +245,16 @@ class Volumes:
     def check_releasable(self, names: Names, record: Record | None, primary: str) -> bool:
         """Busy, changing nothing, unless the only holder of the volume is its exposure at
         ``primary`` (which a release unexposes first); True if it is exposed there."""
-        exposure = self.primary_exposure(record) if record else Unrecorded(self.host)
+        owner = self._backings_for(names, record)[0]
+        return self._check(names, owner, self._exposure_for(record), primary)
+
+    def _exposure_for(self, record: Record | None) -> Exposure | None:
+        return self.primary_exposure(record) if record else Unrecorded(self.host)
+
+    @staticmethod
+    def _check(names: Names, backing: Backing, exposure: Exposure | None, primary: str) -> bool:
         ours = exposure is not None and exposure.is_exposed(names, primary)
-        self._backings_for(names, record)[0].check_releasable(names, ignore=primary if ours else "")
+        backing.check_releasable(names, ignore=primary if ours else "")
         return ours
 
     def release_unknown(self, names: Names) -> None:
@@ -295,7 +302,7 @@ class Volumes:
                 return
             names = self.names(request.volume_id)
             if record is not None:  # an earlier attempt died half-way: start clean
-                self._teardown(names, record.target_path, record)
+                self.teardown(names, record.target_path, record)
             elif self._adopt(names, request):
                 return
             self._create(request)
@@ -391,17 +398,17 @@ class Volumes:
                 # not this volume's target: release only a mount of ours there, if any
                 Unrecorded(self.host).unexpose(names, target_path)
                 return
-            self._teardown(names, target_path, record)
+            self.teardown(names, target_path, record)
 
     def _rollback(self, names: Names, target: str, record: Record) -> None:
         try:
-            self._teardown(names, target, record)
+            self.teardown(names, target, record)
         except Exception:
             log.exception(
                 "rollback of %s left objects behind; start-up will retry", names.volume_id
             )
 
-    def _teardown(self, names: Names, target: str, record: Record | None) -> None:
+    def teardown(self, names: Names, target: str, record: Record | None) -> None:
         """Release the volume exposed at ``target``, then forget it and remove the target."""
         self.release_prepared(names, record, target)
         with self.timed_step("forget"):
