@@ -7,6 +7,7 @@ Without those, they skip with a reason; under CI=true a missing kernel feature i
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -70,6 +71,17 @@ class SmallFs:
     def close(self) -> None:
         sh("umount", str(self.mountpoint), check=False)
         self.image.unlink(missing_ok=True)
+
+
+def names_of(d: Driver, volume_id: str) -> Names:
+    """The driver's names for any volume id (a PVC's too)."""
+    return Names.of(volume_id, str(d.data_dir), str(d.state_dir))
+
+
+def record_state(d: Driver, volume_id: str) -> str | None:
+    """The state in the volume's journal record, None without one."""
+    path = d.state_dir / "volumes" / f"{names_of(d, volume_id).digest}.json"
+    return str(json.loads(path.read_text())["state"]) if path.exists() else None
 
 
 class Driver(DriverProcess):

@@ -4,7 +4,6 @@ shared by two pods; online expansion of ext4 and xfs while mounted and in use; t
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 from pathlib import Path
@@ -13,7 +12,6 @@ import grpc
 import pytest
 
 from csi.__main__ import CRASH_ENV
-from csi.journal import Names
 from csi.proto import csi_pb2 as pb
 from csi.tools.kubelet import PvcVolume
 from tests.node.conftest import (
@@ -22,6 +20,8 @@ from tests.node.conftest import (
     crypt_mappings,
     loops_on,
     mountpoints,
+    names_of,
+    record_state,
     rpc_code,
     sh,
     volume_leftovers,
@@ -29,15 +29,6 @@ from tests.node.conftest import (
 
 MiB = 1024**2
 NODE = "node-test"
-
-
-def names_of(d: Driver, pv: PvcVolume) -> Names:
-    return Names.of(pv.volume_id, str(d.data_dir), str(d.state_dir))
-
-
-def record_state(d: Driver, pv: PvcVolume) -> str | None:
-    path = d.state_dir / "volumes" / f"{names_of(d, pv).digest}.json"
-    return str(json.loads(path.read_text())["state"]) if path.exists() else None
 
 
 def options_of(target: str) -> set[str]:
@@ -49,16 +40,16 @@ def options_of(target: str) -> set[str]:
 def finish(d: Driver, pv: PvcVolume) -> None:
     """Unstage and DeleteVolume; then nothing of the volume may be left anywhere."""
     d.k.unstage(pv)
-    assert record_state(d, pv) == "reserved"
+    assert record_state(d, pv.volume_id) == "reserved"
     d.p.delete(pv.volume_id)
     assert volume_leftovers(d, pv) == []
 
 
 def test_pvc_stage_publish_unpublish_unstage_leaves_nothing(d: Driver) -> None:
     pv = d.p.create("pvc-life", NODE, 64 * MiB)
-    names = names_of(d, pv)
+    names = names_of(d, pv.volume_id)
     assert pv.volume_id.startswith(f"{NODE}/")
-    assert record_state(d, pv) == "reserved" and not os.path.exists(names.backing)
+    assert record_state(d, pv.volume_id) == "reserved" and not os.path.exists(names.backing)
 
     staging = d.k.stage(pv)
     assert names.mapping in crypt_mappings() and staging in mountpoints()
@@ -93,7 +84,7 @@ def test_pvc_stage_publish_unpublish_unstage_leaves_nothing(d: Driver) -> None:
 
 def test_two_pods_share_a_staged_block_volume(d: Driver) -> None:
     pv = d.p.create("pvc-block", NODE, 64 * MiB, block=True)
-    names = names_of(d, pv)
+    names = names_of(d, pv.volume_id)
     staging = d.k.stage(pv)
     assert staging not in mountpoints()  # a block volume is only opened at stage time
     a = d.k.publish_pvc(pv, "pod-a")
@@ -132,7 +123,7 @@ def test_two_pods_share_a_staged_block_volume(d: Driver) -> None:
 @pytest.mark.parametrize("fs_type", ["ext4", "xfs"])
 def test_online_expansion_while_mounted_keeps_data(d: Driver, fs_type: str) -> None:
     pv = d.p.create(f"pvc-grow-{fs_type}", NODE, 320 * MiB, fs_type=fs_type)
-    names = names_of(d, pv)
+    names = names_of(d, pv.volume_id)
     d.k.stage(pv)
     target = d.k.publish_pvc(pv, "pod-a")
     blob = os.urandom(8 * MiB)
@@ -195,14 +186,14 @@ def test_budget_used_up_is_resource_exhausted(base: Path, data_fs: SmallFs) -> N
 
 def test_sigkill_during_stage_rolls_back_to_the_reservation(d: Driver) -> None:
     pv = d.p.create("pvc-crash", NODE, 64 * MiB)
-    names = names_of(d, pv)
+    names = names_of(d, pv.volume_id)
     d.restart(env={CRASH_ENV: "open"})
     with pytest.raises(grpc.RpcError):
         d.k.stage(pv)
     assert d.wait_exit() == -9, "the fault hook should have killed the driver"
     assert names.mapping in crypt_mappings()  # the crash left an open mapping behind
     d.start()
-    assert record_state(d, pv) == "reserved"
+    assert record_state(d, pv.volume_id) == "reserved"
     assert names.mapping not in crypt_mappings() and not os.path.exists(names.backing)
     d.k.stage(pv)
     target = d.k.publish_pvc(pv, "pod-a")

@@ -27,11 +27,12 @@ from tests.node.conftest import (
     SmallFs,
     crypt_mappings,
     leftovers,
+    names_of,
     sh,
     volume_leftovers,
 )
 from tests.node.test_crash_real import WRITER
-from tests.node.test_pvc_real import NODE, names_of
+from tests.node.test_pvc_real import NODE
 
 MiB = 1024**2
 MARKER = b"QCOW2-PLAINTEXT-MARKER-7f3a9c "
@@ -211,7 +212,7 @@ def test_qcow2_pvc_block_and_filesystem_stage_publish_unstage(
             assert os.pread(dev.fileno(), len(data), 8 * MiB) == data
         assert Path(target, "kept").read_bytes() == data
         for pv in (block, files):
-            names = names_of(d, pv)
+            names = names_of(d, pv.volume_id)
             assert mapping_device_major(names.mapping) == 43
             assert MARKER not in Path(names.backing).read_bytes(), "plaintext in the image"
         d.k.unpublish_pvc(block, "pod-b")

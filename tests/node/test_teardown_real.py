@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import signal
 import stat
@@ -36,6 +35,8 @@ from tests.node.conftest import (
     crypt_mappings,
     leftovers,
     mountpoints,
+    names_of,
+    record_state,
     rpc_code,
     sh,
     volume_leftovers,
@@ -164,16 +165,6 @@ def loops_in(directory: Path) -> dict[str, str]:
     return {dev: f for dev, f in loop_backing_files().items() if f.startswith(prefix)}
 
 
-def names_of(d: Driver, pv: PvcVolume) -> Names:
-    return Names.of(pv.volume_id, str(d.data_dir), str(d.state_dir))
-
-
-def record_state(d: Driver, volume_id: str) -> str | None:
-    digest = Names.of(volume_id, str(d.data_dir), str(d.state_dir)).digest
-    path = d.state_dir / "volumes" / f"{digest}.json"
-    return str(json.loads(path.read_text())["state"]) if path.exists() else None
-
-
 def descendants(pid: int) -> list[int]:
     """Every live process below ``pid``, from /proc."""
     children: dict[int, list[int]] = {}
@@ -290,7 +281,7 @@ def test_pvc_staging_held_in_another_namespace_stays_staged(
     d: Driver, containers: list[Container]
 ) -> None:
     pv = d.p.create("pvc-elsewhere", NODE, 64 * MiB)
-    names = names_of(d, pv)
+    names = names_of(d, pv.volume_id)
     staging = d.k.stage(pv)
     target = d.k.publish_pvc(pv, "pod-a")
     Path(target, "before.txt").write_text("written before")
@@ -340,7 +331,7 @@ OFFSET = 3 * MiB
 def _block_pvc_without_journal(d: Driver, name: str) -> tuple[PvcVolume, str, Names]:
     """Stage and publish a block PVC, write PATTERN, then lose the journal and restart."""
     pv = d.p.create(name, NODE, 64 * MiB, block=True)
-    names = names_of(d, pv)
+    names = names_of(d, pv.volume_id)
     d.k.stage(pv)
     target = d.k.publish_pvc(pv, "pod-a")
     st = os.stat(target)
@@ -416,7 +407,7 @@ def test_lost_journal_block_volume_unpublish_and_unstage_leave_nothing(d: Driver
 def test_sigkill_during_integrity_wipe_leaves_no_temporary_mapping(d: Driver) -> None:
     pv = d.p.create("pvc-wipe", NODE, 256 * MiB, block=True,
                     parameters={"integrity": "hmac-sha256"})  # fmt: skip
-    names = names_of(d, pv)
+    names = names_of(d, pv.volume_id)
     assert temporary_mappings() == []
     failure: list[BaseException] = []
 
