@@ -125,12 +125,109 @@ class Nbd(Protocol):
     def nbd_export_alive(self, export: str) -> bool: ...
 
 
-class Host(Files, Mounts, DmCrypt, Protocol):
+@dataclass(frozen=True)
+class Quota:
+    """One project's quota on a filesystem: what it uses and its hard limits (0: none)."""
+
+    bytes_used: int
+    bytes_limit: int
+    inodes_used: int
+    inodes_limit: int
+
+
+@dataclass(frozen=True)
+class KeyRemoval:
+    """What FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS reported, and the key's status after it."""
+
+    status: str  # KEY_ABSENT | KEY_PRESENT | KEY_INCOMPLETELY_REMOVED
+    files_busy: bool  # some files were still open: their per-file keys stay until closed
+    other_users: bool
+
+
+KEY_ABSENT = "absent"
+KEY_PRESENT = "present"
+KEY_INCOMPLETELY_REMOVED = "incompletely_removed"
+
+
+class Directories(Protocol):
+    """Directories and the mounts that show them (a directory backing's volumes)."""
+
+    def remove_tree(self, path: str) -> None:
+        """Delete ``path`` and everything under it, never following a symlink nor crossing a
+        mount; nothing if it is absent. Works on a locked fscrypt tree (names are ciphertext).
+        Busy (nothing deleted) if a mount lies in it; binds of it elsewhere do not stop it."""
+
+    def clear_dir(self, path: str) -> None:
+        """Delete everything under ``path`` (as ``remove_tree``) but keep ``path`` itself."""
+
+    def is_bound_from(self, path: str, directory: str) -> bool:
+        """Whether the visible mount at ``path`` shows ``directory`` (a bind of it, or of a
+        bind of it): same device number and the same root within that filesystem."""
+
+    def dir_mounts(self, directory: str) -> list[str]:
+        """Every mount point (in mountinfo) that shows ``directory`` or a path under it."""
+
+
+class Fscrypt(Protocol):
+    """fscrypt v2 policies and project quotas on ext4 (ioctls and quotactl through ctypes).
+
+    ``root`` is any directory of the filesystem concerned (the ioctls act per filesystem); key
+    identifiers are 32 lowercase hex digits (not secret: the kernel derives them from the key)."""
+
+    def fscrypt_unavailable(self, root: str) -> str | None:
+        """Why volumes cannot be made under ``root`` (not ext4, no encryption feature, project
+        quota limits not enforced, a cipher the kernel lacks: found by test-creating a file
+        under a throwaway key, all removed again), or None."""
+
+    def fscrypt_pool(self, image: str, root: str, size: int) -> None:
+        """Make sure the driver's own ext4 pool is mounted at ``root``: create the sparse image
+        of ``size`` bytes with encrypt,project,quota if it is absent, attach it to a loop device
+        and mount it with project quota limits enforced; each step only if not done yet. The
+        pool survives driver restarts; a FailedPrecondition says what this kernel lacks."""
+
+    def make_project_dir(self, path: str, project: int) -> None:
+        """mkdir (0700, idempotent) and give it project id ``project`` with PROJINHERIT."""
+
+    def dir_project(self, path: str) -> int:
+        """The project id of ``path`` (0: none)."""
+
+    def fscrypt_add_key(self, root: str, key: VolumeKey) -> str:
+        """Add ``key`` (64 bytes) to the filesystem's keyring through a ctypes buffer that is
+        zeroed right after the ioctl; returns the key identifier."""
+
+    def fscrypt_set_policy(self, path: str, identifier: str) -> None:
+        """A v2 policy on the empty directory ``path``: AES-256-XTS contents, AES-256-CTS names,
+        padding 32, under key ``identifier``; nothing if it already has exactly that policy."""
+
+    def fscrypt_policy_of(self, path: str) -> str | None:
+        """The key identifier of the v2 policy on ``path`` (None: not encrypted or absent)."""
+
+    def fscrypt_key_status(self, root: str, identifier: str) -> str:
+        """KEY_ABSENT, KEY_PRESENT or KEY_INCOMPLETELY_REMOVED."""
+
+    def fscrypt_remove_key(self, root: str, identifier: str) -> KeyRemoval:
+        """Remove the key for all users (the kernel writes back and evicts what it protects);
+        an absent key is not an error."""
+
+    def quota_get(self, root: str, project: int) -> Quota:
+        """Usage and hard limits of ``project`` (all 0 for a project never used);
+        FailedPrecondition when the filesystem has project quotas off."""
+
+    def quota_set(self, root: str, project: int, bytes_limit: int, inodes_limit: int) -> None:
+        """Hard limits for ``project`` (0, 0 removes them); bytes round up to 1 KiB. The kernel
+        does not hold a process with CAP_SYS_RESOURCE (a privileged pod) to them."""
+
+    def files_open_in(self, root: str, project: int) -> list[str]:
+        """Processes holding a file of ``project`` on ``root``'s filesystem open (a descriptor,
+        cwd, root or mapping), as "pid N (comm)"; from /proc, never from path strings."""
+
+
+class Host(Files, Mounts, DmCrypt, Directories, Protocol):
     """What the generic lifecycle may touch: no loop or NBD method (those belong to backings)."""
 
     def missing_requirements(self) -> list[str]: ...
 
 
-class NodeHost(Host, Loops, Nbd, Protocol):
+class NodeHost(Host, Loops, Nbd, Fscrypt, Protocol):
     """Everything one node offers: what ``LinuxHost`` and ``FakeHost`` implement, and what the
     composition root hands out, each backing taking the parts it needs."""

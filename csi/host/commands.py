@@ -216,3 +216,22 @@ def nbd_disconnect(device: str) -> list[str]:
 def modprobe_nbd(nbds_max: int = NBDS_MAX) -> list[str]:
     argv = ["modprobe", "nbd", f"nbds_max={nbds_max}"]
     return argv
+
+
+# fscrypt pool ----------------------------------------------------------------------------
+POOL_JOURNAL_MIB = 64  # a small journal: the pool holds many small volumes, not a database
+POOL_JOURNAL_MIN_SIZE = 2 * 1024**3  # below this, mkfs's own (smaller) journal size
+
+
+def mkfs_fscrypt_pool(image: str, size: int) -> list[str]:
+    """The driver's own fscrypt pool: ext4 with encryption and project quotas (only project
+    quotas: ``quotatype=prjquota``), lazy init, no reserved blocks, 4 KiB blocks (the loop
+    device has 4 KiB sectors)."""
+    journal = ["-J", f"size={POOL_JOURNAL_MIB}"] if size >= POOL_JOURNAL_MIN_SIZE else []
+    argv = [
+        "mkfs.ext4", "-F", "-q", "-b", "4096", "-m", "0", *journal,
+        "-O", "encrypt,project,quota",
+        "-E", "quotatype=prjquota,lazy_itable_init=1,lazy_journal_init=1,nodiscard",
+        image,
+    ]  # fmt: skip
+    return argv

@@ -21,6 +21,7 @@ from csi.host.fakes import (
     FakeDmCrypt,
     FakeFile,
     FakeFiles,
+    FakeFscrypt,
     FakeLoops,
     FakeMount,
     FakeMounts,
@@ -31,7 +32,7 @@ __all__ = ["ATTACHED_OFFSET", "STEPS", "FakeFile", "FakeHost", "FakeMount"]
 
 
 @dataclass
-class FakeHost(FakeFiles, FakeMounts, FakeDmCrypt, FakeLoops, FakeNbd):
+class FakeHost(FakeFiles, FakeMounts, FakeDmCrypt, FakeLoops, FakeNbd, FakeFscrypt):
     """Every protocol of ``NodeHost`` over one ``FakeState``."""
 
     # readiness ---------------------------------------------------------------------------
@@ -40,15 +41,19 @@ class FakeHost(FakeFiles, FakeMounts, FakeDmCrypt, FakeLoops, FakeNbd):
 
 
 if TYPE_CHECKING:  # mypy: each fake is its protocol, and FakeHost is all of them
-    from csi.host import DmCrypt, Files, Loops, Mounts, Nbd, NodeHost
+    from csi.host import Directories, DmCrypt, Files, Fscrypt, Loops, Mounts, Nbd, NodeHost
 
     def _conforms(
-        files: FakeFiles, dmcrypt: FakeDmCrypt, loops: FakeLoops, nbd: FakeNbd, host: FakeHost
+        files: FakeFiles, dmcrypt: FakeDmCrypt, loops: FakeLoops, nbd: FakeNbd,
+        fscrypt: FakeFscrypt, host: FakeHost,
     ) -> None:
         as_files: Files = files
         as_dmcrypt: DmCrypt = dmcrypt
         as_loops: Loops = loops
         as_nbd: Nbd = nbd
+        as_fscrypt: Fscrypt = fscrypt
+        as_directories: Directories = fscrypt
         as_mounts: Mounts = host  # FakeMounts alone lacks device_size (FakeDmCrypt's)
         as_node: NodeHost = host
-        del as_files, as_dmcrypt, as_loops, as_nbd, as_mounts, as_node
+        del as_files, as_dmcrypt, as_loops, as_nbd, as_fscrypt, as_directories, as_mounts
+        del as_node

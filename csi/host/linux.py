@@ -25,11 +25,12 @@ from csi.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from csi.host import FsStats, LuksFormat, MappingUse
+from csi.host import FsStats, KeyRemoval, LuksFormat, MappingUse, Quota
 from csi.host import commands as cmd
 from csi.host.commands import EXT4_GROUP_BYTES as EXT4_GROUP_BYTES  # re-export (tests)
 from csi.host.commands import FORMAT_TIMEOUT, GROW_TIMEOUT
 from csi.host.commands import unwiped_prefill as unwiped_prefill  # re-export (tests)
+from csi.host.fscrypt import FscryptHost
 from csi.host.nbd import Qcow2Nbd
 from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, Runner, run
 from csi.keys import VolumeKey
@@ -612,6 +613,59 @@ class LinuxHost:
         """Grow a mounted filesystem to its device (both tools work online and are no-ops when
         there is nothing to grow)."""
         self.runner(cmd.fs_grow(device, mount_point, fs_type), timeout=GROW_TIMEOUT)
+
+    # directories and fscrypt (csi.host.fscrypt) --------------------------------------------
+    @functools.cached_property
+    def _fscrypt(self) -> FscryptHost:
+        return FscryptHost(self)
+
+    def remove_tree(self, path: str) -> None:
+        self._fscrypt.remove_tree(path)
+
+    def clear_dir(self, path: str) -> None:
+        self._fscrypt.clear_dir(path)
+
+    def is_bound_from(self, path: str, directory: str) -> bool:
+        return self._fscrypt.is_bound_from(path, directory)
+
+    def dir_mounts(self, directory: str) -> list[str]:
+        return self._fscrypt.dir_mounts(directory)
+
+    def fscrypt_unavailable(self, root: str) -> str | None:
+        return self._fscrypt.unavailable(root)
+
+    def fscrypt_pool(self, image: str, root: str, size: int) -> None:
+        self._fscrypt.pool(image, root, size)
+
+    def make_project_dir(self, path: str, project: int) -> None:
+        self._fscrypt.make_project_dir(path, project)
+
+    def dir_project(self, path: str) -> int:
+        return self._fscrypt.dir_project(path)
+
+    def fscrypt_add_key(self, root: str, key: VolumeKey) -> str:
+        return self._fscrypt.add_key(root, key)
+
+    def fscrypt_set_policy(self, path: str, identifier: str) -> None:
+        self._fscrypt.set_policy(path, identifier)
+
+    def fscrypt_policy_of(self, path: str) -> str | None:
+        return self._fscrypt.policy_of(path)
+
+    def fscrypt_key_status(self, root: str, identifier: str) -> str:
+        return self._fscrypt.key_status(root, identifier)
+
+    def fscrypt_remove_key(self, root: str, identifier: str) -> KeyRemoval:
+        return self._fscrypt.remove_key(root, identifier)
+
+    def quota_get(self, root: str, project: int) -> Quota:
+        return self._fscrypt.quota_get(root, project)
+
+    def quota_set(self, root: str, project: int, bytes_limit: int, inodes_limit: int) -> None:
+        self._fscrypt.quota_set(root, project, bytes_limit, inodes_limit)
+
+    def files_open_in(self, root: str, project: int) -> list[str]:
+        return self._fscrypt.files_open_in(root, project)
 
     # readiness ---------------------------------------------------------------------------
     def missing_requirements(self) -> list[str]:

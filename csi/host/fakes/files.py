@@ -44,8 +44,8 @@ class FakeFiles(FakeState):
 
     def list_dir(self, path: str) -> list[str]:
         prefix = path.rstrip("/") + "/"
-        names = (p[len(prefix) :] for p in self.files if p.startswith(prefix))
-        return sorted(n for n in names if "/" not in n)
+        names = (p[len(prefix) :] for p in (*self.files, *self.dirs) if p.startswith(prefix))
+        return sorted({n for n in names if "/" not in n})
 
     def allocated_bytes(self, path: str) -> int:
         f = self.files.get(path)

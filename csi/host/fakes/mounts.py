@@ -33,19 +33,26 @@ class FakeMounts(FakeState):
             self.mounts[target] = FakeMount(source, fs_type, list(options))
 
     def bind_mount(self, source: str, target: str, options: list[str]) -> None:
-        """A staged directory onto a directory, or a device node onto a file; like the kernel,
-        a bound device node shows "udev" as its source and does not hold the device open."""
+        """A staged directory onto a directory, a device node onto a file, or a plain
+        directory onto a directory; like the kernel, a bound device node shows "udev" as its
+        source and does not hold the device open, and a bind of a bind shows what the first
+        one showed."""
         with self._lock:
             self._enter("bind_mount", target)
             if source in self.mounts:
                 if target not in self.dirs:
                     raise CommandFailed(["mount"], 32, f"mount point {target} does not exist")
                 staged = self.mounts[source]
-                self.mounts[target] = FakeMount(staged.source, staged.fs_type, list(options))
+                self.mounts[target] = FakeMount(staged.source, staged.fs_type, list(options),
+                                                directory=staged.directory)  # fmt: skip
             elif source.removeprefix("/dev/mapper/") in self.mappings:
                 if target not in self.files:
                     raise CommandFailed(["mount"], 32, f"mount point {target} does not exist")
                 self.mounts[target] = FakeMount("udev", "devtmpfs", list(options), source)
+            elif source in self.dirs:
+                if target not in self.dirs:
+                    raise CommandFailed(["mount"], 32, f"mount point {target} does not exist")
+                self.mounts[target] = FakeMount(source, "none", list(options), directory=source)
             else:
                 raise CommandFailed(["mount"], 32, f"special device {source} does not exist")
 

@@ -19,6 +19,10 @@ STEPS = (
     "set_volume_root", "umount", "crypt_close", "loop_detach", "remove_file",
     "grow_backing", "loop_refresh", "crypt_resize", "fs_grow", "bind_mount", "make_file",
     "qcow2_create", "nbd_attach", "nbd_detach", "nbd_exports", "remove_temporary_mapping",
+    "remove_tree", "clear_dir", "is_bound_from", "dir_mounts", "fscrypt_unavailable",
+    "fscrypt_pool", "make_project_dir", "dir_project", "fscrypt_add_key", "fscrypt_set_policy",
+    "fscrypt_policy_of", "fscrypt_key_status", "fscrypt_remove_key", "quota_get", "quota_set",
+    "files_open_in",
 )  # fmt: skip
 ATTACHED_OFFSET = 1024**2  # where the data starts behind an attached LUKS2 header
 
@@ -35,6 +39,7 @@ class FakeMount:
     fs_type: str
     options: list[str]
     device: str = ""  # for a device node bound onto a file: the device (source is "udev")
+    directory: str = ""  # for a bind of a plain directory (or of such a bind): that directory
 
 
 @dataclass
