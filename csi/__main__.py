@@ -208,14 +208,14 @@ def list_volumes(config: Config, as_json: bool) -> int:
             "size": format_bytes(rec.spec.size),
             "allocated": info.allocated_bytes,
             "device": info.device or "-",
-            "mapping": info.names.mapping if info.mapping_open else "-",
+            "opened": info.opened or "-",
             "mount": (rec.staging_path if rec.provisioned else rec.target_path)
                      if info.mounted else "-",
         })  # fmt: skip
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    columns = ["volume_id", "pod", "state", "size", "allocated", "device", "mapping", "mount"]
+    columns = ["volume_id", "pod", "state", "size", "allocated", "device", "opened", "mount"]
     table = [columns, *[[str(r[c]) for c in columns] for r in rows]]
     widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     for row in table:

@@ -15,7 +15,7 @@ from csi import backings
 from csi.config import Config
 from csi.errors import ResourceExhausted
 from csi.host import Files
-from csi.journal import Journal, Names, Record
+from csi.journal import Journal, Record
 from csi.params import VolumeSpec, format_bytes
 
 
@@ -31,11 +31,11 @@ class Usage:
 
 class Capacity:
     def __init__(self, config: Config, files: Files, journal: Journal,
-                 names: Callable[[str], Names]) -> None:  # fmt: skip
+                 allocated: Callable[[Record], int]) -> None:  # fmt: skip
         self.config = config
         self.files = files
         self.journal = journal
-        self.names = names
+        self.allocated = allocated  # what a volume's backing takes on the disk now
         self._lock = threading.Lock()
 
     def reserve(self, record: Record, *, new_volume: bool = True) -> None:
@@ -91,8 +91,7 @@ class Capacity:
 
     def _unallocated(self, record: Record) -> int:
         """Bytes a sparse volume may still claim from the data dir's free space."""
-        allocated = self.files.allocated_bytes(self.names(record.volume_id).backing)
-        return max(0, record.charge - allocated)
+        return max(0, record.charge - self.allocated(record))
 
     def usage(self) -> Usage:
         """Budget, reservations and real disk use, for metrics and GetCapacity."""
@@ -105,8 +104,7 @@ class Capacity:
             budget=self.config.capacity,
             reserved=sum(r.charge for r in records),
             provisioned=sum(r.spec.size for r in records),
-            allocated=sum(self.files.allocated_bytes(self.names(r.volume_id).backing)
-                          for r in records),
+            allocated=sum(self.allocated(r) for r in records),
             data_dir_free=self.files.free_bytes(self.config.data_dir),
             volumes=counts,
         )  # fmt: skip

@@ -2,14 +2,17 @@
 
 A filesystem is mounted (an inline volume's target, a PVC's staging path); a PVC's staging
 directory is bound into each pod's target; a block volume's device node is bound onto a file at
-each target. Next: a hand-off to a Kata VM, where nothing is mounted on the host. Every
-exposure answers "is the volume exposed at this path?" from the kernel (the mount visible there
-shows the mapping's device number), never from a source string, and undoes only its own mount.
+each target; a directory backing's volume (fscrypt) is bound at its primary path instead of
+mounted. Next: a hand-off to a Kata VM, where nothing is mounted on the host. Every exposure
+answers "is the volume exposed at this path?" from the kernel, through the volume's backing
+(``Shows``: the visible mount has the mapping's device number, or is a bind of the volume's
+directory), never from a source string, and undoes only its own mount.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from csi.errors import Internal
@@ -19,12 +22,21 @@ if TYPE_CHECKING:
     from csi.journal import Names
 
 
+# whether the mount visible at a path shows the volume: the backing's ``shown_at``
+Shows = Callable[["Names", str], bool]
+
+
 class Exposure(ABC):
-    def __init__(self, host: Host) -> None:
+    def __init__(self, host: Host, shows: Shows | None = None) -> None:
         self.host = host
+        self.shows = shows or self._shows_mapping
+
+    def _shows_mapping(self, names: Names, path: str) -> bool:
+        """The default, for a device-mapper volume: the mount has the mapping's device number."""
+        return self.host.is_mounted_from(path, names.mapping)
 
     def is_exposed(self, names: Names, path: str) -> bool:
-        return bool(path) and self.host.is_mounted_from(path, names.mapping)
+        return bool(path) and self.shows(names, path)
 
     @abstractmethod
     def expose(self, names: Names, source: str, path: str) -> None:
@@ -56,24 +68,35 @@ class MountFilesystem(Exposure):
     first gets its root's owner and mode fixed (the pod's user may not be root)."""
 
     def __init__(self, host: Host, fs_type: str, flags: tuple[str, ...], *, readonly: bool,
-                 group: str) -> None:  # fmt: skip
-        super().__init__(host)
+                 group: str, shows: Shows | None = None) -> None:  # fmt: skip
+        super().__init__(host, shows)
         self.fs_type = fs_type
         self.options = filesystem_options(flags, readonly=readonly)
         self.group = int(group) if group else None
 
     def expose(self, names: Names, source: str, path: str) -> None:
         self.host.make_dir(path)
-        self.host.mount(source, path, self.fs_type, self.options)
+        self._attach(source, path)
         if self.options[0] == "rw":
             self.host.set_volume_root(path, self.group)
+
+    def _attach(self, source: str, path: str) -> None:
+        self.host.mount(source, path, self.fs_type, self.options)
+
+
+class BindFilesystem(MountFilesystem):
+    """A directory backing's volume (already on a filesystem of the node's) bound at its
+    primary path with the same options and root fix-up as a mounted filesystem."""
+
+    def _attach(self, source: str, path: str) -> None:
+        self.host.bind_mount(source, path, self.options)
 
 
 class Bind(Exposure):
     """A bind mount into one pod's target, with that pod's options."""
 
-    def __init__(self, host: Host, options: list[str]) -> None:
-        super().__init__(host)
+    def __init__(self, host: Host, options: list[str], shows: Shows | None = None) -> None:
+        super().__init__(host, shows)
         self.options = options
 
 

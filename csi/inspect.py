@@ -36,7 +36,7 @@ class VolumeInfo:
     names: Names
     allocated_bytes: int
     device: str | None  # the backing's own device (loop or NBD), if any
-    mapping_open: bool
+    opened: str | None  # what the backing hands over (mapper device, directory), if prepared
     mounted: bool
 
 
@@ -62,12 +62,13 @@ class Inspector:
         if volume_path not in paths_of(record):
             raise NotFound(f"volume {volume_id} is not published at {volume_path}")
         names = self.volumes.names(volume_id)
+        backing = self.volumes.backing_of(record.spec)
         health = self.health(names, record, volume_path)
         if record.spec.access_type == "block":
-            size = self.host.device_size(names.mapper_device) if not health.abnormal else None
+            size = self.host.device_size(backing.source(names)) if not health.abnormal else None
             return VolumeStats(None, health, size)
-        mounted = self.host.is_mounted_from(volume_path, names.mapping)
-        return VolumeStats(self.host.fs_stats(volume_path) if mounted else None, health)
+        mounted = backing.shown_at(names, volume_path)
+        return VolumeStats(backing.usage(names, volume_path) if mounted else None, health)
 
     def health(self, names: Names, record: Record, path: str = "") -> VolumeHealth:
         path = path or self.volumes.primary_path(record)
@@ -76,12 +77,13 @@ class Inspector:
         if backing.find(names) is None:
             pass  # nothing can be exposed without it: the backing said why
         elif record.spec.access_type == "block":
-            bound = path == record.staging_path or BindDevice(self.host, []).is_exposed(names, path)
+            bound = path == record.staging_path or BindDevice(
+                self.host, [], backing.shown_at).is_exposed(names, path)  # fmt: skip
             if not bound:  # a block volume is staged by opening it; targets are binds
                 problems.append(f"device is not bound at {path}")
-        elif not self.host.is_mounted_from(path, names.mapping):
+        elif not backing.shown_at(names, path):
             problems.append(f"filesystem is not mounted at {path}")
-        elif (errors := self.host.fs_error_count(names.mapper_device)) > 0:
+        elif (errors := backing.filesystem_errors(names)) > 0:
             problems.append(f"filesystem has recorded {errors} errors")
         if problems:
             return VolumeHealth(True, "; ".join(problems))
@@ -90,7 +92,8 @@ class Inspector:
     def _mounted(self, names: Names, record: Record) -> bool:
         if record.provisioned and record.spec.access_type == "block":
             return self.volumes.backing_of(record.spec).find(names) is not None  # staged = open
-        return self.host.is_mounted_from(self.volumes.primary_path(record), names.mapping)
+        backing = self.volumes.backing_of(record.spec)
+        return backing.shown_at(names, self.volumes.primary_path(record))
 
     def list(self) -> list[VolumeInfo]:
         result = []
@@ -102,9 +105,9 @@ class Inspector:
                     VolumeInfo(
                         record=record,
                         names=names,
-                        allocated_bytes=self.host.allocated_bytes(names.backing),
+                        allocated_bytes=backing.allocated(names),
                         device=backing.attached(names),
-                        mapping_open=backing.find(names) is not None,
+                        opened=backing.find(names),
                         mounted=self._mounted(names, record),
                     )
                 )

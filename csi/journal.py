@@ -126,6 +126,7 @@ class Record:
     staging_path: str = ""
     targets: dict[str, list[str]] = field(default_factory=dict)  # target -> mount options
     grow_to: int = 0  # size an expansion in progress has reserved (0: none)
+    details: dict[str, str] = field(default_factory=dict)  # the backing's: never a secret
     # Fields of the record and of its spec that this version does not know (written by a newer
     # driver): not used here, written back as they were, so a rollback does not lose them.
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -145,6 +146,8 @@ class Record:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         del data["extra"], data["spec_extra"]
+        if not self.details:  # a LUKS volume's record stays exactly as earlier versions wrote it
+            del data["details"]
         data["spec"] = {**self.spec_extra, **self.spec.to_json()}
         return {**self.extra, **data}
 

@@ -326,6 +326,7 @@ def validate_mount_group(group: str) -> str:
 
 def check_combination(spec: VolumeSpec) -> None:
     """Rules across parameters, with the reason a person needs to fix the request."""
+    backings.kind(spec.backing).check_spec(spec)
     if spec.integrity != "none" and spec.cipher != "aes-xts-plain64":
         raise InvalidArgument(f"integrity={spec.integrity} works only with cipher=aes-xts-plain64")
     if spec.fs_type == "xfs" and spec.access_type == "mount" and spec.size < XFS_MIN_BYTES:

@@ -139,7 +139,7 @@ class StagedVolumes:
         self.journal.write(record)  # intent first: start-up rolls a crash back from here
         names = self.core.names(record.volume_id)
         try:
-            self.core.prepare(names, spec, keyring=False)
+            self.core.prepare(names, record, keyring=False)
             if spec.access_type == MOUNT:
                 with self.core.timed_step("mount"):
                     self.core.expose_primary(names, record)
@@ -179,7 +179,7 @@ class StagedVolumes:
     def _check_prepared(self, names: Names, record: Record) -> None:
         if self.core.backing_of(record.spec).find(names) is None:
             raise FailedPrecondition(
-                f"volume {record.volume_id} lost its encrypted mapping, so its data is gone; "
+                f"volume {record.volume_id} lost its key, so its data is gone; "
                 "unstage it (delete its pods) to get a fresh volume"
             )
 
@@ -227,9 +227,10 @@ class StagedVolumes:
     def _exposure(self, record: Record, options: list[str]) -> Exposure:
         """A pod's target: the staging directory bound there, or the device node of a block
         volume bound onto a file."""
+        shows = self.core.backing_of(record.spec).shown_at
         if record.spec.access_type == BLOCK:
-            return BindDevice(self.host, options)
-        return BindDirectory(self.host, options)
+            return BindDevice(self.host, options, shows)
+        return BindDirectory(self.host, options, shows)
 
     def _bind(self, record: Record, target: str, options: list[str]) -> None:
         names = self.core.names(record.volume_id)
@@ -237,7 +238,7 @@ class StagedVolumes:
         if exposure.is_exposed(names, target):
             return
         if record.spec.access_type == BLOCK:
-            exposure.expose(names, names.mapper_device, target)
+            exposure.expose(names, self.core.backing_of(record.spec).source(names), target)
             return
         # never bind an unmounted staging dir: the pod would write plaintext to the node's
         # root disk. Mount it again if the volume is still prepared; refuse if it is not.
@@ -269,7 +270,7 @@ class StagedVolumes:
             if record is None or target not in record.targets:
                 # nothing recorded there: release only a bind of ours (a filesystem, or the
                 # device node of a block volume), decided by device number
-                unknown = Unrecorded(self.host)
+                unknown = Unrecorded(self.host, self.core.shown_by_any)
                 if unknown.unexpose(self.core.names(volume_id), target):
                     unknown.remove(target)
                 return
@@ -347,10 +348,11 @@ class StagedVolumes:
             if record.grow_to < size:
                 record.grow_to = size
                 self.core.reserve(record, new_volume=False)
-        self.core.backing_of(spec).grow(names, spec, size)
+        backing = self.core.backing_of(spec)
+        backing.grow(names, spec, size)
         if spec.access_type == MOUNT:
             with self.core.timed_step("grow_fs"):
-                self.host.fs_grow(names.mapper_device, record.staging_path, spec.fs_type)
+                backing.grow_filesystem(names, spec, record.staging_path)
         with self.core.timed_step("record"):
             record.spec = dataclasses.replace(spec, size=size)
             record.grow_to = 0

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from csi import backings
 from csi.backings import Backing, Context
-from csi.backings.luks import Luks, eager_mkfs
+from csi.backings.luks import Luks
 from csi.capacity import Capacity, Usage
 from csi.config import Config
 from csi.errors import (
@@ -34,7 +34,7 @@ from csi.errors import (
     FailedPrecondition,
     InvalidArgument,
 )
-from csi.exposures import Exposure, MountFilesystem, Unrecorded
+from csi.exposures import Exposure, Unrecorded
 from csi.gate import NodeGate
 from csi.host import Host, NodeHost
 from csi.ids import check_provisioned_id, check_volume_id, is_provisioned_id
@@ -109,9 +109,9 @@ class Volumes:
         self.events = events or Events()
         self.journal.on_set_aside = self.events.record_set_aside
         self.locks = NodeGate()
-        self.capacity = Capacity(config, host, self.journal, self.names)
         context = Context(host, key_source, self.timed_step, config.data_dir, config.state_dir)
         self.backings = backings.build(context)
+        self.capacity = Capacity(config, host, self.journal, self.allocated)
         self.luks = Luks(context)  # the dm-crypt layer the LUKS backings share
 
     # validation --------------------------------------------------------------------------
@@ -176,17 +176,22 @@ class Volumes:
     def check_backing_available(self, spec: VolumeSpec) -> None:
         """Refuse a backing up front where it cannot work, before anything is reserved or made."""
         if reason := self.backing_of(spec).unavailable():
-            raise FailedPrecondition(f"cannot make a {spec.backing} volume on this node: {reason}")
+            raise FailedPrecondition(
+                f"cannot make volumes with backing={spec.backing} on this node: {reason}"
+            )
 
-    def prepare(self, names: Names, spec: VolumeSpec, *, keyring: bool) -> str:
-        """The backing prepares the volume (each of its steps only if not done yet); a
-        filesystem volume then always gets a fresh filesystem: never trust what is on the
-        device. Returns what the pod gets."""
-        device = self.backing_of(spec).prepare(names, spec, keyring=keyring)
-        if spec.access_type == "mount":
-            with self.timed_step("mkfs"):
-                self.host.mkfs(device, spec.fs_type, eager=eager_mkfs(spec))
-        return device
+    def allocated(self, record: Record) -> int:
+        """Bytes the volume of ``record`` takes on the node's disk now (its backing says)."""
+        return self.backing_of(record.spec).allocated(self.names(record.volume_id))
+
+    def prepare(self, names: Names, record: Record, *, keyring: bool) -> str:
+        """The backing prepares the volume (each of its steps only if not done yet: a
+        filesystem volume of a device backing always gets a fresh filesystem) and the record
+        learns what the journal keeps of it. Returns what the pod gets."""
+        backing = self.backing_of(record.spec)
+        source = backing.prepare(names, record.spec, keyring=keyring)
+        record.details = backing.details(names)
+        return source
 
     def primary_path(self, record: Record) -> str:
         """Where the volume is exposed first: an inline target, a PVC's staging path."""
@@ -202,14 +207,13 @@ class Volumes:
         if record.provisioned:  # a staging mount is always rw: each pod's bind says ro or rw
             flags = tuple(f for f in flags if f not in ("ro", "rw"))
         readonly = spec.readonly and not record.provisioned
-        return MountFilesystem(self.host, spec.fs_type, flags, readonly=readonly,
-                               group=spec.mount_group)  # fmt: skip
+        return self.backing_of(spec).filesystem_exposure(spec, flags, readonly=readonly)
 
     def expose_primary(self, names: Names, record: Record) -> None:
         exposure = self.primary_exposure(record)
         path = self.primary_path(record)
         if exposure is not None and not exposure.is_exposed(names, path):
-            exposure.expose(names, names.mapper_device, path)
+            exposure.expose(names, self.backing_of(record.spec).source(names), path)
 
     def release_prepared(self, names: Names, record: Record | None, primary: str) -> None:
         """Unexpose the primary path, then release the backing (close wipes the key, detach,
@@ -223,7 +227,7 @@ class Volumes:
         chosen = self._backings_for(names, record)
         for backing in chosen:
             backing.before_release(names)
-        exposure = self._exposure_for(record)
+        exposure = self._exposure_for(record, chosen[0])
         ours = self._check(names, chosen[0], exposure, primary)
         if record is not None or ours:
             with self.timed_step("unmount"):
@@ -246,10 +250,14 @@ class Volumes:
         """Busy, changing nothing, unless the only holder of the volume is its exposure at
         ``primary`` (which a release unexposes first); True if it is exposed there."""
         owner = self._backings_for(names, record)[0]
-        return self._check(names, owner, self._exposure_for(record), primary)
+        return self._check(names, owner, self._exposure_for(record, owner), primary)
 
-    def _exposure_for(self, record: Record | None) -> Exposure | None:
-        return self.primary_exposure(record) if record else Unrecorded(self.host)
+    def shown_by_any(self, names: Names, path: str) -> bool:
+        """Whether the mount at ``path`` shows the volume, for a volume no record describes."""
+        return any(backing.shown_at(names, path) for backing in self.backings.values())
+
+    def _exposure_for(self, record: Record | None, owner: Backing) -> Exposure | None:
+        return self.primary_exposure(record) if record else Unrecorded(self.host, owner.shown_at)
 
     @staticmethod
     def _check(names: Names, backing: Backing, exposure: Exposure | None, primary: str) -> bool:
@@ -280,7 +288,7 @@ class Volumes:
         if exposure is None or not path or exposure.is_exposed(names, path):
             return
         try:
-            exposure.expose(names, names.mapper_device, path)
+            exposure.expose(names, self.backing_of(record.spec).source(names), path)
             log.warning("volume %s is still in use elsewhere; exposed it at %s again",
                         record.volume_id, path)  # fmt: skip
         except Exception:
@@ -323,12 +331,13 @@ class Volumes:
         exposure = self.primary_exposure(record)
         if exposure is None or exposure.is_exposed(names, request.target_path):
             return
-        if self.backing_of(record.spec).find(names) is None:
+        backing = self.backing_of(record.spec)
+        if backing.find(names) is None:
             raise FailedPrecondition(
-                f"volume {request.volume_id} lost its encrypted mapping, so its data is gone; "
+                f"volume {request.volume_id} lost its key, so its data is gone; "
                 "delete the pod to get a fresh volume"
             )
-        exposure.expose(names, names.mapper_device, request.target_path)
+        exposure.expose(names, backing.source(names), request.target_path)
 
     def _adopt(self, names: Names, request: PublishRequest) -> bool:
         """No record, yet the kernel still has the volume (the journal was lost without a
@@ -372,7 +381,7 @@ class Volumes:
         try:
             with self.timed_step("reserve"):
                 self.reserve(record)
-            self.prepare(names, spec, keyring=True)
+            self.prepare(names, record, keyring=True)
             with self.timed_step("mount"):
                 self.expose_primary(names, record)
             with self.timed_step("record"):
@@ -396,7 +405,8 @@ class Volumes:
             record = self.journal.load(volume_id)
             if record is not None and record.target_path != target_path:
                 # not this volume's target: release only a mount of ours there, if any
-                Unrecorded(self.host).unexpose(names, target_path)
+                shows = self.backing_of(record.spec).shown_at
+                Unrecorded(self.host, shows).unexpose(names, target_path)
                 return
             self.teardown(names, target_path, record)
 

@@ -29,7 +29,7 @@ What each method promises:
 * ``before_release(names)``: what must happen first for "in use" to be answerable (qcow2: drop
   an NBD device whose export died, or unmount would hang).
 * ``grow(names, spec, size)``: make the prepared volume ``size`` bytes, or raise InvalidArgument
-  saying why it cannot.
+  saying why it cannot; ``grow_filesystem`` then makes its mounted filesystem use it.
 * ``release(names)``: close (wiping the key from the kernel), detach and delete; polite: refuses
   with Busy, changing nothing, while anything holds the volume. True if a backing file existed
   (its data is now crypto-shredded).
@@ -42,6 +42,7 @@ What each method promises:
 from __future__ import annotations
 
 from csi.backings.base import Backing, Context, Orphan
+from csi.backings.fscrypt import FscryptBacking
 from csi.backings.loop import LoopBacking
 from csi.backings.qcow2 import Qcow2Backing
 
@@ -49,6 +50,7 @@ from csi.backings.qcow2 import Qcow2Backing
 REGISTRY: dict[str, type[Backing]] = {
     LoopBacking.name: LoopBacking,
     Qcow2Backing.name: Qcow2Backing,
+    FscryptBacking.name: FscryptBacking,
 }
 DEFAULT = next(iter(REGISTRY))
 

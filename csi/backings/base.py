@@ -9,10 +9,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 from csi.errors import Busy, InvalidArgument
-from csi.host import NodeHost
+from csi.host import FsStats, NodeHost
 from csi.keys import KeySource
 
 if TYPE_CHECKING:
+    from csi.exposures import Exposure
     from csi.journal import Names
     from csi.params import VolumeSpec
 
@@ -65,6 +66,11 @@ class Backing(ABC):
         return ""
 
     @classmethod
+    def check_spec(cls, spec: VolumeSpec) -> None:
+        """InvalidArgument naming why, for parameters that do not apply to this backing."""
+        del spec
+
+    @classmethod
     def check_growable(cls, spec: VolumeSpec) -> None:
         """INVALID_ARGUMENT, not FAILED_PRECONDITION: to kubelet and csi-resizer the latter
         means "retry once the volume is not in use", which would never help here."""
@@ -80,6 +86,43 @@ class Backing(ABC):
 
     @abstractmethod
     def find(self, names: Names) -> str | None: ...
+
+    @abstractmethod
+    def source(self, names: Names) -> str:
+        """What an exposure takes of the prepared volume: a device, or a directory."""
+
+    @abstractmethod
+    def shown_at(self, names: Names, path: str) -> bool:
+        """Whether the mount visible at ``path`` shows this volume (from the kernel)."""
+
+    @abstractmethod
+    def filesystem_exposure(self, spec: VolumeSpec, flags: tuple[str, ...], *,
+                            readonly: bool) -> Exposure:  # fmt: skip
+        """How a filesystem volume is exposed at its primary path (mounted, or bound)."""
+
+    def details(self, names: Names) -> dict[str, str]:
+        """What the journal keeps of the prepared volume besides its spec (never a secret)."""
+        del names
+        return {}
+
+    def usage(self, names: Names, path: str) -> FsStats:
+        """Filesystem usage of the volume exposed at ``path``."""
+        del names
+        return self.context.host.fs_stats(path)
+
+    @abstractmethod
+    def allocated(self, names: Names) -> int:
+        """Bytes the volume takes on the node's disk now."""
+
+    def filesystem_errors(self, names: Names) -> int:
+        """Errors the volume's filesystem has recorded (0 where it keeps no count of its own)."""
+        del names
+        return 0
+
+    def grow_filesystem(self, names: Names, spec: VolumeSpec, path: str) -> None:
+        """After ``grow``: make the filesystem mounted at ``path`` use the new size (nothing
+        where the backing's growth already did)."""
+        del names, spec, path
 
     @abstractmethod
     def attached(self, names: Names) -> str | None: ...
@@ -99,7 +142,7 @@ class Backing(ABC):
         """Busy, naming the holders, unless ``release`` could go ahead now."""
         if uses := self.in_use(names, ignore):
             raise Busy(
-                f"mapping of volume {names.volume_id} is still in use "
+                f"volume {names.volume_id} is still in use "
                 f"({', '.join(uses)}); nothing was torn down, retry later"
             )
 

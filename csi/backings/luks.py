@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from csi.backings.base import Backing, Context, Orphan
 from csi.errors import Busy
+from csi.exposures import Exposure, MountFilesystem
 from csi.host import LuksFormat
 from csi.keys import PASSPHRASE_BYTES
 
@@ -210,10 +211,33 @@ class LuksFileBacking(Backing):
             device = self._attach(names)
         if not self.luks.is_open(names):
             self.luks.format_and_open(names, spec, device, keyring)
+        if spec.access_type == "mount":  # always a fresh filesystem: never trust the device
+            with self.step("mkfs"):
+                self.host.mkfs(names.mapper_device, spec.fs_type, eager=eager_mkfs(spec))
         return names.mapper_device
 
     def find(self, names: Names) -> str | None:
         return names.mapper_device if self.luks.is_open(names) else None
+
+    def source(self, names: Names) -> str:
+        return names.mapper_device
+
+    def shown_at(self, names: Names, path: str) -> bool:
+        return self.host.is_mounted_from(path, names.mapping)
+
+    def filesystem_exposure(self, spec: VolumeSpec, flags: tuple[str, ...], *,
+                            readonly: bool) -> Exposure:  # fmt: skip
+        return MountFilesystem(self.host, spec.fs_type, flags, readonly=readonly,
+                               group=spec.mount_group, shows=self.shown_at)  # fmt: skip
+
+    def allocated(self, names: Names) -> int:
+        return self.host.allocated_bytes(names.backing)
+
+    def filesystem_errors(self, names: Names) -> int:
+        return self.host.fs_error_count(names.mapper_device)
+
+    def grow_filesystem(self, names: Names, spec: VolumeSpec, path: str) -> None:
+        self.host.fs_grow(names.mapper_device, path, spec.fs_type)
 
     def health(self, names: Names, spec: VolumeSpec) -> list[str]:
         problems = []

@@ -54,7 +54,7 @@ def test_volumes_on_an_empty_node(dirs: list[str], capsys: pytest.CaptureFixture
     lines = out.splitlines()
     assert lines[-1] == "(no volumes on this node)"
     assert lines[0].split() == ["volume_id", "pod", "state", "size", "allocated", "device",
-                                "mapping", "mount"]  # fmt: skip
+                                "opened", "mount"]  # fmt: skip
     assert len(lines) == 2
 
 
@@ -82,7 +82,7 @@ def test_volumes_as_json(
     rows = json.loads(capsys.readouterr().out)
     assert rows == [{
         "volume_id": "csi-volume-one", "pod": "shop/web-0", "state": "published",
-        "size": "64Mi", "allocated": 0, "device": "-", "mapping": "-", "mount": "-",
+        "size": "64Mi", "allocated": 0, "device": "-", "opened": "-", "mount": "-",
     }]  # fmt: skip
 
 

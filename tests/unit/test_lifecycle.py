@@ -182,7 +182,7 @@ def test_republish_after_mapping_vanished_is_failed_precondition(harness: Harnes
     with pytest.raises(grpc.RpcError) as err:
         harness.publish(attributes=SIZE)
     assert code_of(err.value) == grpc.StatusCode.FAILED_PRECONDITION
-    assert "lost its encrypted mapping" in str(err.value.details())
+    assert "lost its key" in str(err.value.details())
     assert count(harness.host.calls, "luks_format") == 0
     assert count(harness.host.calls, "mkfs") == 0
     assert harness.target() not in harness.host.mounts
