@@ -260,12 +260,65 @@ def test_rendered_kinds(default_objects: list[Obj], full_objects: list[Obj]) -> 
             "/node/updateStrategy/rollingUpdate/maxUnavailable",
         ),  # with maxSurge 0: no progress
         ("sidecars.provisioner.image.digest=latest", "/sidecars/provisioner/image/digest"),
+        ("storageClass.parameters.backing=zfs", "/storageClass/parameters/backing"),
     ],
 )
 def test_values_schema_rejects_bad_values(helm: Path, setting: str, message: str) -> None:
     done = run_helm(helm, "template", RELEASE, str(CHART), "--set", setting)
     assert done.returncode != 0, f"helm accepted --set {setting}"
     assert "schema" in done.stderr and message in done.stderr, done.stderr
+
+
+BACKING_ENUM = ["loop", "qcow2", "fscrypt"]
+
+
+def test_storage_class_offers_every_backing(helm: Path) -> None:
+    """The enum itself is checked against the driver's backing registry in test_backings.py."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    parameters = schema["properties"]["storageClass"]["properties"]["parameters"]["properties"]
+    assert parameters["backing"]["enum"] == BACKING_ENUM
+    for backing in BACKING_ENUM:
+        objects = render(
+            helm, "storageClass.create=true", f"storageClass.parameters.backing={backing}"
+        )
+        assert find(objects, "StorageClass")["parameters"]["backing"] == backing
+
+
+def test_fscrypt_storage_class_with_the_parameters_that_apply(helm: Path) -> None:
+    """Explicit defaults are fine with fscrypt: the driver refuses only values that do not apply."""
+    given = {"backing": "fscrypt", "integrity": "none", "header": "detached",
+             "cipher": "aes-xts-plain64", "preallocate": "false"}  # fmt: skip
+    objects = render(helm, "storageClass.create=true",
+                     *[f"storageClass.parameters.{k}={v}" for k, v in given.items()])  # fmt: skip
+    params = find(objects, "StorageClass")["parameters"]
+    assert params == {"csi.storage.k8s.io/fstype": "ext4", **given}
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("storageClass.fsType=xfs", "/storageClass/fsType"),  # the volume is an ext4 directory
+        ("storageClass.parameters.integrity=hmac-sha256", "/storageClass/parameters/integrity"),
+        ("storageClass.parameters.header=attached", "/storageClass/parameters/header"),
+        (
+            "storageClass.parameters.cipher=xchacha12\\,aes-adiantum-plain64",
+            "/storageClass/parameters/cipher",
+        ),
+        ("storageClass.parameters.preallocate=true", "/storageClass/parameters/preallocate"),
+    ],
+)
+def test_values_schema_refuses_what_does_not_apply_to_fscrypt(
+    helm: Path, setting: str, message: str
+) -> None:
+    """What the driver would refuse with INVALID_ARGUMENT for backing=fscrypt fails helm install;
+    the same value with another backing is fine."""
+    fscrypt = ("--set", "storageClass.parameters.backing=fscrypt")
+    done = run_helm(helm, "template", RELEASE, str(CHART), *fscrypt, "--set", setting)
+    assert done.returncode != 0, f"helm accepted --set {setting} with backing=fscrypt"
+    assert "schema" in done.stderr and message in done.stderr, done.stderr
+    loop = ("--set", "storageClass.parameters.backing=loop")
+    done = run_helm(helm, "template", RELEASE, str(CHART), *loop, "--set", setting)
+    assert done.returncode == 0, done.stderr
 
 
 # CSIDriver -------------------------------------------------------------------------------
@@ -298,15 +351,37 @@ def test_only_the_driver_container_is_privileged(objects: list[Obj]) -> None:
             assert sc.get("readOnlyRootFilesystem") is True, name
 
 
-def test_bidirectional_propagation_only_on_the_drivers_kubelet_dir(objects: list[Obj]) -> None:
+def test_bidirectional_propagation_only_on_the_drivers_kubelet_and_data_dirs(
+    objects: list[Obj],
+) -> None:
+    """The kubelet dir: volumes mounted there must reach kubelet and the pods. The data dir:
+    backing=fscrypt's pool is mounted at <data dir>/fscrypt and must stay mounted on the node
+    when the driver container restarts (a mount in the container's own namespace would die
+    with it, under the pods' binds)."""
     propagating = [
         (name, mount["name"], mount["mountPath"])
         for name, container in containers(objects).items()
         for mount in container.get("volumeMounts", [])
         if mount.get("mountPropagation") == "Bidirectional"
     ]
-    assert propagating == [("driver", "kubelet-dir", KUBELET_DIR)]
+    assert propagating == [("driver", "kubelet-dir", KUBELET_DIR), ("driver", "data-dir", DATA_DIR)]
     assert host_paths(objects)["kubelet-dir"]["path"] == KUBELET_DIR
+    assert host_paths(objects)["data-dir"]["path"] == DATA_DIR
+    # the driver's privilege is what allows Bidirectional; no other container propagates at all
+    for name, container in containers(objects).items():
+        if name != "driver":
+            assert not [m for m in container["volumeMounts"] if m.get("mountPropagation")], name
+
+
+def test_fscrypt_pool_mount_propagates_wherever_the_data_dir_is(helm: Path) -> None:
+    objects = render(helm, "node.dataDir=/srv/lec-data")
+    driver = containers(objects)["driver"]
+    (mount,) = [m for m in driver["volumeMounts"] if m["name"] == "data-dir"]
+    assert mount == {"name": "data-dir", "mountPath": "/srv/lec-data",
+                     "mountPropagation": "Bidirectional"}  # fmt: skip
+    assert host_paths(objects)["data-dir"] == {"path": "/srv/lec-data", "type": "DirectoryOrCreate"}
+    assert driver_config(objects).data_dir == "/srv/lec-data"
+    assert mounts(containers(objects)["qsd"])["fscrypt-hidden"] == "/srv/lec-data/fscrypt"
 
 
 def test_registrar_registers_the_socket_in_the_plugin_dir(objects: list[Obj]) -> None:
@@ -517,12 +592,14 @@ def test_qsd_sees_its_socket_dir_and_the_data_dir_at_the_drivers_paths(
     """Only the qsd/ subdirectory of the state dir (see test_chart_security.py for what it must
     not see), at the path the driver sees it under."""
     driver, qsd = containers(objects)["driver"], containers(objects)["qsd"]
-    assert mounts(qsd) == {"state-dir": f"{STATE_DIR}/qsd", "data-dir": DATA_DIR}
+    assert mounts(qsd) == {"state-dir": f"{STATE_DIR}/qsd", "data-dir": DATA_DIR,
+                           "fscrypt-hidden": f"{DATA_DIR}/fscrypt"}  # fmt: skip
     (state,) = [m for m in qsd["volumeMounts"] if m["name"] == "state-dir"]
     assert state["subPath"] == "qsd"
     assert mounts(driver)["state-dir"] + "/" + state["subPath"] == state["mountPath"]
     assert mounts(driver)["data-dir"] == DATA_DIR
-    assert not [m for m in qsd["volumeMounts"] if m.get("readOnly") or m.get("mountPropagation")]
+    assert [m["name"] for m in qsd["volumeMounts"] if m.get("readOnly")] == ["fscrypt-hidden"]
+    assert not [m for m in qsd["volumeMounts"] if m.get("mountPropagation")]
     # the driver talks to the socket qsd creates, and finds the NBD socket beside it
     config = driver_config(objects)
     directory, argv = qsd_split(qsd["command"])
@@ -576,6 +653,7 @@ def test_qcow2_disabled_removes_qsd_and_the_flag(helm: Path) -> None:
     objects = render(helm, "qcow2.enabled=false")
     pod = containers(objects)
     assert "qsd" not in pod
+    assert "fscrypt-hidden" not in {v["name"] for v in pod_spec(objects)["volumes"]}
     assert not [a for a in pod["driver"]["args"] if a.startswith("--qsd-socket")]
     assert driver_config(objects).qsd_socket == ""  # the driver then refuses backing=qcow2
     assert "lib-modules" in mounts(pod["driver"])  # loop and dm-crypt may need modprobe too

@@ -147,6 +147,7 @@ def test_qsd_sees_only_its_sockets_and_the_images(objects: list[Obj]) -> None:
     assert qsd["volumeMounts"] == [
         {"name": "state-dir", "mountPath": qsd_dir, "subPath": "qsd"},
         {"name": "data-dir", "mountPath": DATA_DIR},
+        {"name": "fscrypt-hidden", "mountPath": f"{DATA_DIR}/fscrypt", "readOnly": True},
     ]
     # the driver's state: journal, detached headers, NBD claims, its lock
     names = Names.of("a-volume", DATA_DIR, STATE_DIR)
@@ -157,7 +158,36 @@ def test_qsd_sees_only_its_sockets_and_the_images(objects: list[Obj]) -> None:
     # what qsd does need: its QMP and NBD sockets, and the image files, at the driver's paths
     for shared in (f"{qsd_dir}/qmp.sock", f"{qsd_dir}/nbd.sock", names.backing):
         assert sees(qsd, shared) and sees(driver, shared), shared
-    assert not [m for m in qsd["volumeMounts"] if m.get("readOnly") or m.get("mountPropagation")]
+    assert not [m for m in qsd["volumeMounts"] if m.get("mountPropagation")]
+
+
+def shown_by(container: Obj, path: str) -> str | None:
+    """The volume that ``path`` (a path on the node, mounted at the same path) is read from in
+    ``container``: the deepest mount that contains it, as the runtime mounts nested paths."""
+    covering = [
+        m for m in container.get("volumeMounts", [])
+        if path == m["mountPath"] or path.startswith(m["mountPath"].rstrip("/") + "/")
+    ]  # fmt: skip
+    return max(covering, key=lambda m: len(m["mountPath"]))["name"] if covering else None
+
+
+def test_qsd_never_sees_the_fscrypt_volumes(objects: list[Obj]) -> None:
+    """While a pod runs, its fscrypt volume's key is in the kernel, and the volume's directory
+    under <data dir>/fscrypt reads as plaintext to any process that reaches it (fscrypt keys are
+    per filesystem, not per process). qsd needs none of it: an empty read-only tmpfs covers the
+    path in its container, whereas the driver sees the real directory (or the pool mounted
+    there)."""
+    pod = containers(objects)
+    qsd, driver = pod["qsd"], pod["driver"]
+    volume = f"{DATA_DIR}/fscrypt/{'0' * 32}/secret.txt"
+    assert shown_by(qsd, volume) == "fscrypt-hidden"
+    assert shown_by(qsd, f"{DATA_DIR}/fscrypt") == "fscrypt-hidden"
+    assert shown_by(driver, volume) == "data-dir"
+    assert shown_by(qsd, f"{DATA_DIR}/fscrypt.pool") == "data-dir"  # a sibling: not covered
+    volumes = {v["name"]: v for v in pod_spec(objects)["volumes"]}
+    assert volumes["fscrypt-hidden"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
+    others = [n for n, c in pod.items() if "fscrypt-hidden" in mounts(c)]
+    assert others == ["qsd"]
 
 
 def test_sidecars_see_only_the_socket_dirs(objects: list[Obj]) -> None:
