@@ -24,9 +24,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
 from csi.backings.base import Backing, Context, Orphan
-from csi.errors import Busy, DriverError, FailedPrecondition, InvalidArgument
+from csi.errors import Busy, DriverError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from csi.exposures import BindFilesystem, Exposure
 from csi.host import KEY_ABSENT, KEY_PRESENT, FsStats
+from csi.host.commands import BIND_FLAGS
 
 if TYPE_CHECKING:
     from csi.journal import Names
@@ -97,6 +98,12 @@ class FscryptBacking(Backing):
         for applies, reason in NOT_APPLICABLE:
             if applies(spec):
                 raise InvalidArgument(f"backing=fscrypt: {reason}")
+        if unbindable := [f for f in spec.mount_flags if f not in BIND_FLAGS]:
+            raise InvalidArgument(
+                f"backing=fscrypt: mount flag {unbindable[0]} cannot apply to a bind of a "
+                f"directory (only {', '.join(sorted(BIND_FLAGS))} do); drop it or use a LUKS "
+                "backing"
+            )
 
     # where the volumes live ----------------------------------------------------------------
     def directory(self, names: Names) -> str:
@@ -128,8 +135,10 @@ class FscryptBacking(Backing):
                 return None
             log.info("the data dir cannot hold fscrypt volumes itself (%s); using a pool", native)
         try:
-            # sparse: as big as the free space now, the most the capacity can ever promise it
-            self.host.fscrypt_pool(self.image, self.root, self.host.free_bytes(data_dir))
+            # sparse, and as big as the filesystem that holds it: capacity, which counts the
+            # data dir's free space, can then never promise more than the pool holds
+            size = self.host.fs_stats(data_dir).total_bytes
+            self.host.fscrypt_pool(self.image, self.root, size)
         except DriverError as exc:
             return f"the driver's ext4 pool {self.image} cannot be used: {exc}"
         return self.host.fscrypt_unavailable(self.root)
@@ -161,17 +170,24 @@ class FscryptBacking(Backing):
         return path
 
     def _make_dir(self, path: str, size: int) -> None:
-        """The volume's directory with its own project id and that project's limits (under
-        the lock: the limits mark the id taken before another volume looks for one)."""
-        with self._lock:
-            project = 0
-            if self.host.exists(path):
-                project = self.host.dir_project(path)
-                identifier = self.host.fscrypt_policy_of(path)
-                if identifier is not None and not self._key_present(identifier):
-                    self.host.remove_tree(path)  # locked: a policy cannot be taken off again
-                else:
-                    self.host.clear_dir(path)  # never trust what an earlier attempt left
+        """The volume's directory with its own project id and that project's limits. What an
+        earlier attempt left is emptied first, unless anything still uses it: a directory
+        with its key present may be a live volume whose record was lost."""
+        project = 0
+        if self.host.exists(path):
+            if uses := self._users(path):
+                raise FailedPrecondition(
+                    f"directory {path} of this volume already exists and is in use "
+                    f"({', '.join(uses)}), though no record says it is prepared (a lost "
+                    "journal?); refusing to touch it"
+                )
+            project = self.host.dir_project(path)
+            identifier = self.host.fscrypt_policy_of(path)
+            if identifier is not None and not self._key_present(identifier):
+                self.host.remove_tree(path)  # locked: a policy cannot be taken off again
+            else:
+                self.host.clear_dir(path)  # never trust what an earlier attempt left
+        with self._lock:  # the limits mark the id taken before another volume looks for one
             project = project or self._free_project(os.path.basename(path))
             self.host.make_project_dir(path, project)
             self.host.quota_set(self.root, project, size, inode_limit(size))
@@ -185,8 +201,9 @@ class FscryptBacking(Backing):
             if not (quota.inodes_used or quota.bytes_used or quota.bytes_limit
                     or quota.inodes_limit):  # fmt: skip
                 return project
-        raise FailedPrecondition(
-            f"no free project id near {first + 1} in {self.root}: {PROJECT_PROBES} are used"
+        raise ResourceExhausted(
+            f"no free project id near {first + 1} in {self.root}: {PROJECT_PROBES} in a row "
+            "are used"
         )
 
     def _key_present(self, identifier: str) -> bool:
@@ -252,10 +269,13 @@ class FscryptBacking(Backing):
 
     def allocated(self, names: Names) -> int:
         path = self.directory(names)
-        if not self.host.is_dir(path):
-            return 0
-        project = self.host.dir_project(path)
-        return self.host.quota_get(self.root, project).bytes_used if project else 0
+        try:
+            project = self.host.dir_project(path) if self.host.is_dir(path) else 0
+            return self.host.quota_get(self.root, project).bytes_used if project else 0
+        except DriverError:
+            if self.host.is_dir(path):
+                raise
+            return 0  # its own teardown removed it meanwhile (capacity asks without its lock)
 
     def grow(self, names: Names, spec: VolumeSpec, size: int) -> None:
         """Raise the quota: the volume is bigger at once, online."""
@@ -310,18 +330,19 @@ class FscryptBacking(Backing):
             if identifier is not None:
                 self._remove_key(identifier, what)
         with self.step("delete"):
-            self.host.remove_tree(path)
-            if project:
+            if project:  # first: once the directory is gone nothing names the project
                 self.host.quota_set(self.root, project, 0, 0)
+            self.host.remove_tree(path)
         return True
 
     def _remove_key(self, identifier: str, what: str) -> None:
         removal = self.host.fscrypt_remove_key(self.root, identifier)
         if removal.status != KEY_ABSENT:
+            busy = ("files of it are still open (their per-file keys stay until they are "
+                    "closed)" if removal.files_busy else "other users still hold it")  # fmt: skip
             raise FailedPrecondition(
-                f"the key of volume {what} is {removal.status.replace('_', ' ')}: files of it "
-                "are still open and keep their plaintext until they are closed; retry once the "
-                "processes holding them have exited"
+                f"the key of volume {what} is {removal.status.replace('_', ' ')}, not absent: "
+                f"{busy}; retry once the processes holding them have exited"
             )
 
     def detach(self, names: Names) -> None:

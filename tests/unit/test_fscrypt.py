@@ -10,7 +10,9 @@ import grpc
 import pytest
 
 from csi.backings.fscrypt import POOL_DIR, FscryptBacking, inode_limit
+from csi.errors import Internal
 from csi.host import KEY_ABSENT, KEY_INCOMPLETELY_REMOVED, KEY_PRESENT, Quota
+from csi.host.fake import FakeFile
 from csi.journal import PUBLISHED, Names
 from csi.params import VolumeSpec
 from csi.proto import csi_pb2 as pb
@@ -348,3 +350,58 @@ def test_unstage_of_a_pvc_with_an_open_file_keeps_it_staged(h: Harness) -> None:
     h.host.fscrypt_busy.clear()
     h.k.unstage(pv)
     assert not h.host.is_dir(path)
+
+
+def test_staging_again_after_a_lost_record_never_empties_the_live_volume(h: Harness) -> None:
+    """The journal is lost while a pod uses the PVC (no reboot): NodeStageVolume comes again.
+    The directory still has its key and its binds: it is refused, and nothing is deleted."""
+    pv = h.provision(parameters={"backing": "fscrypt"})
+    h.k.stage(pv)
+    h.k.publish_pvc(pv, "pod-1")
+    path = directory(h, Names.of(pv.volume_id, h.config.data_dir, h.config.state_dir))
+    h.host.files[os.path.join(path, "data")] = FakeFile(size=5, allocated=4096)  # the pod wrote it
+    h.lose_tmpfs()
+    h.restart()
+    h.host.calls.clear()
+    with pytest.raises(grpc.RpcError) as err:
+        h.k.stage(pv)
+    assert code_of(err.value) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "refusing to touch it" in str(err.value.details())
+    assert not any(c.startswith(("clear_dir", "remove_tree")) for c in h.host.calls)
+    assert os.path.join(path, "data") in h.host.files
+
+
+def test_a_quota_reset_that_fails_is_retried_not_forgotten(h: Harness) -> None:
+    h.publish(attributes=FSCRYPT)
+    h.host.fail("quota_set")
+    with pytest.raises(grpc.RpcError):
+        h.unpublish()
+    h.unpublish()
+    assert fscrypt_leftovers(h) == []
+
+
+def test_mount_flags_a_bind_cannot_apply_are_invalid(h: Harness) -> None:
+    request = h.publish_request(attributes=FSCRYPT, mount_flags=["noatime", "sync"])
+    message = fails(lambda: h.node.NodePublishVolume(request), grpc.StatusCode.INVALID_ARGUMENT)
+    assert "mount flag sync cannot apply to a bind" in message
+    h.publish(attributes=FSCRYPT, mount_flags=["noatime", "noexec"])
+    assert {"noatime", "noexec"} <= set(h.host.mounts[h.target()].options)
+
+
+def test_allocation_of_a_directory_removed_meanwhile_is_zero(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h.publish(attributes=FSCRYPT)
+    names = h.names()
+    path = directory(h, names)
+    real = h.host.dir_project
+
+    def vanished(p: str) -> int:  # the teardown's rmdir runs between is_dir and this call
+        h.host.dirs.discard(path)
+        return real("/nonexistent") if p != path else _raise()
+
+    def _raise() -> int:
+        raise Internal("dir_project: No such file or directory")
+
+    monkeypatch.setattr(h.host, "dir_project", vanished)
+    assert backing(h).allocated(names) == 0

@@ -80,7 +80,8 @@ class FakeMounts(FakeState):
                                                                            mount.device)
 
     def fs_stats(self, path: str) -> FsStats:
-        size = self.fs_sizes.get(self.mounts[path].source, 0)
+        mount = self.mounts.get(path)  # a path of the node's own disk: its free space
+        size = self.fs_sizes.get(mount.source, 0) if mount else self.free
         return FsStats(size, size - 4096, 4096, size // 16384, size // 16384 - 11, 11)
 
     def fs_error_count(self, device: str) -> int:
