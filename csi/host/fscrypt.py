@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -31,7 +32,7 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
-from csi.errors import Busy, FailedPrecondition, Internal, InvalidArgument
+from csi.errors import Busy, DriverError, FailedPrecondition, Internal, InvalidArgument
 from csi.host import (
     KEY_ABSENT,
     KEY_INCOMPLETELY_REMOVED,
@@ -176,6 +177,8 @@ PROBE_PREFIX = ".fscrypt-probe-"
 _IDENTIFIER = re.compile(r"[0-9a-f]{32}")
 _OPEN_MAGIC = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PROBES: set[str] = set()  # the probe dirs this process is using now
+_PROBES_LOCK = threading.Lock()
 
 Ioctl = Callable[[int, int, int], int]  # (fd, request, address) -> libc's return value
 
@@ -467,26 +470,55 @@ class FscryptHost:
 
     # who holds files -----------------------------------------------------------------------
     def files_open_in(self, root: str, project: int) -> list[str]:
+        """Every process in /proc (the host's, with hostPID): its cwd, root, descriptors and
+        the mappings /proc/<pid>/maps puts on ``root``'s device; each is decided by stat and
+        the project id of the file itself. One listdir and one maps read per process, one
+        stat per descriptor: linear in what the node holds open, nothing else."""
         dev = os.stat(root).st_dev
         proc = self.host.proc
         found = []
-        for pid in sorted((p for p in os.listdir(proc) if p.isdigit()), key=int):
-            base = os.path.join(proc, pid)
-            if any(self._holds(link, dev, project) for link in self._links(base)):
+        for pid in _pids(proc):
+            base = os.path.join(proc, str(pid))
+            if any(self._holds(link, dev, project) for link in self._links(base, dev)):
                 found.append(f"pid {pid} ({self._comm(base)})")
         return found
 
     @staticmethod
-    def _links(base: str) -> Iterator[str]:
-        """A process's magic links: descriptors, cwd, root and mapped files."""
+    def _links(base: str, dev: int) -> Iterator[str]:
+        """A process's magic links: cwd, root, descriptors, and its mapped files on ``dev``
+        (one mapping per file: maps names the device and inode, map_files the file)."""
         yield os.path.join(base, "cwd")
         yield os.path.join(base, "root")
-        for sub in ("fd", "map_files"):
+        try:
+            names = os.listdir(os.path.join(base, "fd"))
+        except OSError:  # gone, or not ours to read
+            names = []
+        yield from (os.path.join(base, "fd", n) for n in names)
+        try:
+            with open(os.path.join(base, "maps"), "rb") as f:
+                maps = f.read(MAPS_LIMIT + 1)
+        except OSError:
+            return
+        if len(maps) > MAPS_LIMIT:  # not read in full: every mapping, as map_files lists them
             try:
-                names = os.listdir(os.path.join(base, sub))
-            except OSError:  # gone, or not ours to read
+                ranges = os.listdir(os.path.join(base, "map_files"))
+            except OSError:
+                return
+            yield from (os.path.join(base, "map_files", r) for r in ranges)
+            return
+        seen = set()
+        for line in maps.splitlines():
+            fields = line.split(None, 5)
+            if len(fields) < 5 or fields[4] == b"0":
                 continue
-            yield from (os.path.join(base, sub, n) for n in names)
+            major, _, minor = fields[3].partition(b":")
+            try:
+                on_dev = os.makedev(int(major, 16), int(minor, 16)) == dev
+            except ValueError:
+                continue
+            if on_dev and fields[4] not in seen:
+                seen.add(fields[4])
+                yield os.path.join(base, "map_files", fields[0].decode())
 
     def _holds(self, link: str, dev: int, project: int) -> bool:
         """Whether the file behind a magic link is on ``dev`` and of ``project``: decided on
@@ -561,8 +593,12 @@ class FscryptHost:
 
     def _test_create(self, root: str) -> str | None:
         """Make a file under a throwaway key in a temp dir, then remove all of it: a missing
-        cipher only shows at file creation (ENOPKG)."""
-        probe = tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=root)
+        cipher only shows at file creation (ENOPKG). What an earlier probe killed halfway left
+        behind goes first."""
+        with _PROBES_LOCK:
+            self._remove_stale_probes(root)
+            probe = tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=root)
+            _PROBES.add(probe)
         identifier = None
         try:
             with random_key(KEY_BYTES) as key:
@@ -582,10 +618,36 @@ class FscryptHost:
                 return f"encryption is not supported on the filesystem of {root}"
             raise
         finally:
-            self.remove_tree(probe)
-            if identifier is not None:
-                self.remove_key(root, identifier)
+            try:
+                self.remove_tree(probe)
+                if identifier is not None:
+                    self.remove_key(root, identifier)
+            finally:
+                with _PROBES_LOCK:
+                    _PROBES.discard(probe)
         return None
+
+    def _remove_stale_probes(self, root: str) -> None:
+        """Delete the probe dirs a killed process left in ``root`` (locked or not), and the
+        throwaway key of each if it is still in the keyring; a probe this process is running
+        (``_PROBES``, the caller holds ``_PROBES_LOCK``) is never touched. Best effort: what
+        cannot be removed now is logged and tried again at the next probe."""
+        try:
+            names = [n for n in os.listdir(root) if n.startswith(PROBE_PREFIX)]
+        except OSError:
+            return
+        for name in names:
+            stale = os.path.join(root, name)
+            if stale in _PROBES or not os.path.isdir(stale) or os.path.islink(stale):
+                continue
+            try:
+                identifier = self.policy_of(stale)
+                self.remove_tree(stale)
+                if identifier is not None:
+                    self.remove_key(root, identifier)
+                log.info("removed %s, left by a probe that did not finish", stale)
+            except (OSError, DriverError) as exc:
+                log.warning("cannot remove the leftover probe %s: %s", stale, exc)
 
     # the pool --------------------------------------------------------------------------------
     def pool(self, image: str, root: str, size: int) -> None:
@@ -719,11 +781,154 @@ class FscryptHost:
         return entry.dev == where[0] and os.path.normpath(entry.root) == where[1]
 
     def dir_mounts(self, directory: str) -> list[str]:
+        """Mount points showing ``directory`` (or a path under it) in every mount namespace
+        visible through /proc: ours as the point itself; another namespace's as "<point>
+        (mount namespace of pid N)", which never equals a path of ours. A bind whose source
+        was unlinked (root ``.../<dir>//deleted``) counts as showing that directory.
+
+        Left out: another namespace's propagation copy of a mount of ours that we list (same
+        peer group, sitting on a copy of its parent: the host's copy of a bind we made under
+        the kubelet dir), since that mount goes with ours. Not seen: a namespace no process
+        is in (held by a bind of an ns file or a descriptor), a thread's own namespace, and
+        mounts outside the chosen process's root."""
         where = self._root_in_fs(directory)
         if where is None:
             return []
         dev, root = where
-        prefix = root.rstrip("/") + "/"
-        return [e.point for e in self._mounts()
-                if e.dev == dev and (os.path.normpath(e.root) == root
-                                     or e.root.startswith(prefix))]  # fmt: skip
+        ours = _index(_read_mountinfo(os.path.join(self.host.proc, "self", "mountinfo"), None))
+        found = [m for m in ours.values() if _shows(m, dev, root)]
+        copies = set()  # (peer group of a mount of ours, peer group of its parent)
+        for m in found:
+            parent = ours.get(m.parent)
+            if m.shared and parent is not None and parent.shared:
+                copies.add((m.shared, parent.shared))
+        points = [m.point for m in found]
+        for pid in self._other_namespaces():
+            path = os.path.join(self.host.proc, str(pid), "mountinfo")
+            try:
+                theirs = _index(_read_mountinfo(path, MOUNTINFO_LIMIT))
+            except MountinfoTooLong:
+                log.warning("the mountinfo of pid %d is over %d bytes: not read", pid,
+                            MOUNTINFO_LIMIT)  # fmt: skip
+                points.append(f"? (mount namespace of pid {pid}: its mountinfo is over "
+                              f"{MOUNTINFO_LIMIT} bytes, not read)")  # fmt: skip
+                continue
+            except OSError:  # the process exited while we looked, or is not ours to read
+                continue
+            points += [f"{m.point} (mount namespace of pid {pid})" for m in theirs.values()
+                       if _shows(m, dev, root) and not _is_copy(m, theirs, copies)]  # fmt: skip
+        return points
+
+    def _other_namespaces(self) -> list[int]:
+        """One pid (the lowest) of each mount namespace other than ours among the processes
+        in /proc; a pid that is gone or whose namespace cannot be read is skipped."""
+        proc = self.host.proc
+        try:
+            seen = {_ns_key(os.path.join(proc, "self", "ns", "mnt"))}
+        except OSError:
+            seen = set()  # cannot tell ours: every namespace read is checked
+        pids = []
+        for pid in _pids(proc):
+            try:
+                key = _ns_key(os.path.join(proc, str(pid), "ns", "mnt"))
+            except OSError:  # exited meanwhile, or not ours to inspect
+                continue
+            if key not in seen:
+                seen.add(key)
+                pids.append(pid)
+        return pids
+
+
+DELETED = "//deleted"  # what the kernel appends to the root of a mount whose dentry is unlinked
+MAPS_LIMIT = 16 << 20  # bytes of one process's maps read (past that: map_files, every entry)
+MOUNTINFO_LIMIT = 16 << 20  # bytes of another namespace's mountinfo read (some 100,000 mounts)
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+class MountinfoTooLong(Exception):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Mount:
+    """One mountinfo line: ids, device number, root within the filesystem, mount point (as
+    the reading process's root sees it) and the peer groups it shares with or receives from."""
+
+    id: str
+    parent: str
+    dev: str
+    root: str
+    point: str
+    shared: str | None = None
+    master: str | None = None
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """Every well-formed line of a mountinfo (proc(5)); others are skipped."""
+    out = []
+    for line in text.splitlines():
+        fields = line.partition(" - ")[0].split()
+        if len(fields) < 6:
+            continue
+        tags = dict(f.split(":", 1) for f in fields[6:] if ":" in f)
+        out.append(Mount(id=fields[0], parent=fields[1], dev=fields[2],
+                         root=_unescape(fields[3]), point=_unescape(fields[4]),
+                         shared=tags.get("shared"), master=tags.get("master")))  # fmt: skip
+    return out
+
+
+def _read_mountinfo(path: str, limit: int | None) -> list[Mount]:
+    """A mountinfo file, at most ``limit`` bytes of it (MountinfoTooLong past that)."""
+    with open(path, "rb") as f:
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise MountinfoTooLong(path)
+    return parse_mountinfo(data.decode(errors="surrogateescape"))
+
+
+def _index(mounts: list[Mount]) -> dict[str, Mount]:
+    return {m.id: m for m in mounts}
+
+
+def _is_copy(m: Mount, table: dict[str, Mount], copies: set[tuple[str, str]]) -> bool:
+    """Whether ``m`` (of another namespace) is a propagation copy of one of our mounts: in
+    (or receiving from) its peer group, on a parent in (or receiving from) the peer group of
+    that mount's parent. A bind of ours a container made itself sits on the container's own
+    root, never on such a parent, so it is never taken for a copy."""
+    parent = table.get(m.parent)
+    if parent is None:
+        return False
+    groups = {m.shared, m.master} - {None}
+    parents = {parent.shared, parent.master} - {None}
+    return any(n in groups and k in parents for n, k in copies)
+
+
+def _shows(m: Mount, dev: str, root: str) -> bool:
+    """Whether ``m`` shows ``root`` (a path within the filesystem ``dev``) or a path under
+    it; a deleted root (``.../x//deleted``) is taken as showing ``.../x``."""
+    if m.dev != dev:
+        return False
+    entry_root = m.root
+    if entry_root.endswith(DELETED):
+        entry_root = entry_root[: -len(DELETED)] or "/"
+    entry_root = os.path.normpath(entry_root)
+    return entry_root == root or entry_root.startswith(root.rstrip("/") + "/")
+
+
+def _ns_key(link: str) -> tuple[int, int]:
+    """The identity of the namespace behind a /proc/<pid>/ns/* link (nsfs device, inode)."""
+    st = os.stat(link)
+    return st.st_dev, st.st_ino
+
+
+def _pids(proc: str) -> list[int]:
+    """The processes in ``proc`` (every one of the host's when we run in its PID namespace)."""
+    try:
+        names = os.listdir(proc)
+    except OSError:
+        return []
+    return sorted(int(n) for n in names if n.isdigit())

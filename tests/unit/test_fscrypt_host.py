@@ -271,6 +271,110 @@ def test_dir_mounts_lists_binds_of_it_and_below(fixture_host: tuple[LinuxHost, P
     assert host.dir_mounts(str(base / "fs" / "nope")) == []
 
 
+def test_parse_mountinfo_reads_ids_groups_and_escapes() -> None:
+    text = ("36 35 98:0 /mnt1 /mnt\\040two rw,noatime master:1 shared:7 - ext3 /dev/root rw\n"
+            "37 36 98:0 /a /b rw - ext4 /dev/x rw\n"
+            "garbage\n")  # fmt: skip
+    assert fscrypt.parse_mountinfo(text) == [
+        fscrypt.Mount(id="36", parent="35", dev="98:0", root="/mnt1", point="/mnt two",
+                      shared="7", master="1"),
+        fscrypt.Mount(id="37", parent="36", dev="98:0", root="/a", point="/b"),
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(("root", "shows"), [
+    ("/vol", True), ("/vol/deeper", True), ("/vol//deleted", True), ("/vol/x//deleted", True),
+    ("/volume", False), ("/", False), ("/other//deleted", False), ("/vol", True),
+])  # fmt: skip
+def test_a_mount_shows_the_dir_by_root_and_a_deleted_root_counts(root: str, shows: bool) -> None:
+    mount = fscrypt.Mount(id="1", parent="0", dev="8:1", root=root, point="/p")
+    assert fscrypt._shows(mount, "8:1", "/vol") is shows
+    assert not fscrypt._shows(mount, "8:2", "/vol")
+
+
+def test_a_deleted_bind_is_not_taken_for_a_dir_named_deleted() -> None:
+    mount = fscrypt.Mount(id="1", parent="0", dev="8:1", root="/vol//deleted", point="/p")
+    assert not fscrypt._shows(mount, "8:1", "/vol/deleted")
+
+
+@pytest.fixture
+def namespaces(fixture_host: tuple[LinuxHost, Path]) -> tuple[LinuxHost, Path]:
+    """The fixture's namespace (ours: pid 1 is in it too) plus three more: pids 20 and 21 share
+    one (a container: a copy of our t1 bind made by propagation, its own bind of vol/deeper,
+    one of a deleted vol); pid 30 is a kernel thread (no namespace to read), pid 40 exited
+    after its namespace was read, pid 50 has a namespace of its own with nothing of vol."""
+    host, base = fixture_host
+    proc = base / "proc"
+    d = f"{os.major(os.stat(base).st_dev)}:{os.minor(os.stat(base).st_dev)}"
+    ns = base / "nsfs"
+    ns.mkdir()
+    for name in ("ours", "container", "gone", "other"):
+        (ns / name).write_text(name)
+    (proc / "self" / "ns").mkdir()
+    (proc / "self" / "ns" / "mnt").symlink_to(ns / "ours")
+    ours = [  # t1 a shared bind on a shared parent: what the kubelet dir does
+        f"1 0 {d} / {base}/fs rw shared:3 - ext4 /dev/x rw",
+        f"2 1 {d} /vol {base}/t1 rw shared:7 - ext4 /dev/x rw",
+        f"3 1 {d} /vol {base}/t2 rw - ext4 /dev/x rw",
+        f"4 1 {d} /other {base}/t3 rw - ext4 /dev/x rw",
+        f"5 1 {d} /vol/deeper {base}/fs/vol/mnt rw - ext4 /dev/x rw",
+    ]
+    (proc / "self" / "mountinfo").write_text("\n".join(ours) + "\n")
+    container = [
+        "100 0 0:50 / / rw - overlay overlay rw",
+        f"101 100 {d} / /host rw master:3 - ext4 /dev/x rw",
+        f"102 101 {d} /vol /host/t1 rw master:7 - ext4 /dev/x rw",  # the copy of our t1
+        f"103 100 {d} /vol/deeper /data rw master:7 - ext4 /dev/x rw",  # its own bind
+        f"104 100 {d} /vol//deleted /old rw - ext4 /dev/x rw",
+        f"105 100 {d} /other /elsewhere rw - ext4 /dev/x rw",
+    ]
+    pids: dict[str, str | None] = {"1": "ours", "20": "container", "21": "container",
+                                   "30": None, "40": "gone", "50": "other"}  # fmt: skip
+    for pid, space in pids.items():
+        (proc / pid).mkdir()
+        if space is not None:
+            (proc / pid / "ns").mkdir()
+            (proc / pid / "ns" / "mnt").symlink_to(ns / space)
+    (proc / "1" / "mountinfo").write_text("1 0 9:9 / /never-read rw - ext4 /dev/y rw\n")
+    (proc / "20" / "mountinfo").write_text("\n".join(container) + "\n")
+    (proc / "21" / "mountinfo").write_text(f"9 0 {d} /vol /never-read rw - ext4 /dev/x rw\n")
+    (proc / "50" / "mountinfo").write_text(f"200 0 {d} / / rw - ext4 /dev/x rw\n")
+    return host, base
+
+
+def test_dir_mounts_looks_in_every_mount_namespace(namespaces: tuple[LinuxHost, Path]) -> None:
+    host, base = namespaces
+    assert host._fscrypt._other_namespaces() == [20, 40, 50]
+    assert host.dir_mounts(str(base / "fs" / "vol")) == [
+        str(base / "t1"), str(base / "t2"), str(base / "fs" / "vol" / "mnt"),
+        "/data (mount namespace of pid 20)", "/old (mount namespace of pid 20)",
+    ]  # fmt: skip
+    assert host.dir_mounts(str(base / "fs" / "vol" / "deeper")) == [
+        str(base / "fs" / "vol" / "mnt"), "/data (mount namespace of pid 20)"]  # fmt: skip
+    assert host.dir_mounts(str(base / "fs" / "other")) == [
+        str(base / "t3"), "/elsewhere (mount namespace of pid 20)"]  # fmt: skip
+    assert host.is_bound_from(str(base / "t1"), str(base / "fs" / "vol"))  # ours only
+    assert not host.is_bound_from("/data", str(base / "fs" / "vol"))
+
+
+def test_a_mountinfo_past_the_limit_is_reported_not_skipped(
+    namespaces: tuple[LinuxHost, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    host, base = namespaces
+    (base / "proc" / "50" / "mountinfo").write_text("x" * 200 + "\n")
+    monkeypatch.setattr(fscrypt, "MOUNTINFO_LIMIT", 100)
+    found = host.dir_mounts(str(base / "fs" / "other"))
+    assert found[-1].startswith("? (mount namespace of pid 50: its mountinfo is over 100 bytes")
+
+
+def test_our_namespace_unknown_means_every_namespace_is_read(
+    namespaces: tuple[LinuxHost, Path],
+) -> None:
+    host, base = namespaces
+    (base / "proc" / "self" / "ns" / "mnt").unlink()
+    assert host._fscrypt._other_namespaces() == [1, 20, 40, 50]
+
+
 def test_remove_tree_refuses_a_tree_with_a_mount_inside(
     fixture_host: tuple[LinuxHost, Path],
 ) -> None:
@@ -298,6 +402,36 @@ def test_files_open_in_reads_proc_links_not_path_strings(tmp_path: Path) -> None
     host = LinuxHost(proc=str(proc))
     assert host.files_open_in(str(tmp_path / "data"), 0) == ["pid 123 (worker)"]
     assert host.files_open_in(str(tmp_path / "data"), 7) == []
+
+
+def test_files_open_in_follows_the_mappings_maps_puts_on_the_device(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "data").mkdir()
+    held = tmp_path / "data" / "lib.so"
+    held.write_text("x")
+    st = os.stat(held)
+    on = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    proc = tmp_path / "proc"
+    for pid in ("5", "6", "7"):
+        (proc / pid / "map_files").mkdir(parents=True)
+        (proc / pid / "comm").write_text(f"p{pid}\n")
+    (proc / "5" / "maps").write_text(
+        f"1000-2000 r-xp 00000000 {on} {st.st_ino} {held}\n"
+        f"2000-3000 r--p 00001000 {on} {st.st_ino} {held}\n"  # same file: looked at once
+        "3000-4000 rw-p 00000000 00:00 0 [heap]\n")  # fmt: skip
+    (proc / "5" / "map_files" / "1000-2000").symlink_to(held)
+    # pid 6: maps puts it on another device: its map_files entry is never looked at
+    (proc / "6" / "maps").write_text(f"1000-2000 r-xp 00000000 ff:ff {st.st_ino} {held}\n")
+    (proc / "6" / "map_files" / "1000-2000").symlink_to(held)
+    # pid 7: a maps past the limit: every map_files entry is looked at
+    (proc / "7" / "maps").write_text("x" * 5000 + "\n")
+    (proc / "7" / "map_files" / "5000-6000").symlink_to(held)
+    monkeypatch.setattr(fscrypt, "MAPS_LIMIT", 1000)
+    host = LinuxHost(proc=str(proc))
+    assert host.files_open_in(str(tmp_path / "data"), 0) == ["pid 5 (p5)", "pid 7 (p7)"]
+    links = list(fscrypt.FscryptHost._links(str(proc / "5"), st.st_dev))
+    assert [os.path.basename(link) for link in links] == ["cwd", "root", "1000-2000"]
 
 
 # the fake ----------------------------------------------------------------------------------
