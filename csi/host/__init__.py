@@ -165,7 +165,9 @@ class Directories(Protocol):
         bind of it): same device number and the same root within that filesystem."""
 
     def dir_mounts(self, directory: str) -> list[str]:
-        """Every mount point (in mountinfo) that shows ``directory`` or a path under it."""
+        """Every mount that shows ``directory`` or a path under it, in every mount namespace
+        a process is in (another namespace's as "<point> (mount namespace of pid N)"; copies
+        that only propagate from our own mounts are left out)."""
 
 
 class Fscrypt(Protocol):
@@ -222,12 +224,72 @@ class Fscrypt(Protocol):
         cwd, root or mapping), as "pid N (comm)"; from /proc, never from path strings."""
 
 
+@dataclass(frozen=True)
+class DirectVolume:
+    """A Kata Containers direct-assigned volume: the content of its ``mountInfo.json``."""
+
+    volume_type: str  # "directvol" (runtime-rs requires it; the Go runtime accepts it)
+    device: str  # a regular file (attached as a disk) or a block device
+    fstype: str
+    metadata: dict[str, str]
+    options: list[str]
+
+
+GUARD_SOURCE = "luks-ephemeral-guard"  # the source name of our read-only guard tmpfs
+
+
+class DirectVolumes(Protocol):
+    """Kata's direct-assigned volumes and the guard that makes a non-Kata pod fail closed.
+
+    ``root`` is the direct-volume root (``/run/kata-containers/shared/direct-volumes``); a volume
+    lives in ``<root>/<urlsafe base64 of the target path, padded>/mountInfo.json`` (Go's
+    ``b64.URLEncoding``), so a target is an absolute path of at most 189 bytes (its name must fit
+    in one directory entry). Nothing under ``root`` is ever reached through a symlink."""
+
+    def direct_volume_write(self, root: str, target: str, volume: DirectVolume) -> None:
+        """Write the volume's mountInfo.json (directory 0700, file 0600, atomically: a temp file
+        in the same directory, fsynced, renamed over, the directory fsynced), with exactly the
+        keys ``volume-type``, ``device``, ``fstype``, ``metadata``, ``options``; nothing if it
+        already holds exactly this. Other files in the directory (Kata's sandbox-id file) stay.
+        InvalidArgument for a target that is not absolute or too long, or a symlink in the way."""
+
+    def direct_volume_read(self, root: str, target: str) -> DirectVolume | None:
+        """The volume written for ``target`` (None: none, or not one this driver can read: over
+        64 KiB, not a regular file, not such JSON; never an error for a malformed file)."""
+
+    def direct_volume_remove(self, root: str, target: str) -> None:
+        """Remove the target's directory with everything in it (Kata puts a file named after
+        the sandbox there), never following a symlink (one in its place is removed itself);
+        nothing if it is absent."""
+
+    def direct_volume_targets(self, root: str) -> dict[str, DirectVolume | None]:
+        """Every target path with a direct volume under ``root`` -> its volume (None if its
+        mountInfo.json cannot be read); names that do not decode (exactly, padded, urlsafe) to
+        an absolute path, and entries that are not directories, are left out."""
+
+    def guard_mount(self, target: str) -> None:
+        """An empty read-only tmpfs (source GUARD_SOURCE, nosuid,nodev,noexec) at ``target``,
+        made first if need be, so a pod not run by Kata gets EROFS; nothing if it is there.
+        Never stacked over another mount (FailedPrecondition naming it); a target that is a
+        symlink is InvalidArgument, one that is not a directory FailedPrecondition. Removed
+        with ``umount``."""
+
+    def is_guarded(self, target: str) -> bool:
+        """Whether the mount visible at ``target`` (the last mountinfo entry there) is our
+        guard: a read-only tmpfs whose source is GUARD_SOURCE."""
+
+    def file_users(self, path: str) -> list[str]:
+        """Processes holding the regular file ``path`` open (by device and inode, from /proc;
+        a Kata VM's hypervisor holds its disk), as "pid N (comm)", at most 64 of them; none if
+        ``path`` is absent."""
+
+
 class Host(Files, Mounts, DmCrypt, Directories, Protocol):
     """What the generic lifecycle may touch: no loop or NBD method (those belong to backings)."""
 
     def missing_requirements(self) -> list[str]: ...
 
 
-class NodeHost(Host, Loops, Nbd, Fscrypt, Protocol):
+class NodeHost(Host, Loops, Nbd, Fscrypt, DirectVolumes, Protocol):
     """Everything one node offers: what ``LinuxHost`` and ``FakeHost`` implement, and what the
     composition root hands out, each backing taking the parts it needs."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from csi.errors import Internal
-from csi.host import LuksFormat
+from csi.host import GUARD_SOURCE, LuksFormat
 
 SECTOR_SIZE = 4096  # dm-crypt and loop sector size, bytes
 PBKDF2_MIN_ITERATIONS = 1000  # cryptsetup's floor; the passphrase is a full-entropy key
@@ -161,6 +161,18 @@ def mount(source: str, target: str, fs_type: str, options: Iterable[str]) -> lis
     if fs_type == "ext4":
         opts.append("noinit_itable")  # keep sparse files sparse: no background zeroing
     argv = ["mount", "-t", fs_type, "-o", ",".join(opts), source, target]
+    return argv
+
+
+# read-only from the start: the tmpfs is empty and stays so (nothing can be written to it, by
+# root either); nosuid,nodev,noexec in case it ever were not; the smallest size tmpfs takes
+GUARD_OPTIONS = ("ro", "nosuid", "nodev", "noexec", "size=4k", "mode=0555")
+
+
+def guard_mount(target: str) -> list[str]:
+    """The guard of a Kata target: an empty read-only tmpfs named ``GUARD_SOURCE``, so a pod
+    that is not run by Kata gets EROFS at the target instead of the node's disk."""
+    argv = ["mount", "-t", "tmpfs", "-o", ",".join(GUARD_OPTIONS), GUARD_SOURCE, target]
     return argv
 
 

@@ -7,7 +7,7 @@ key it was formatted with (checked by hash), a busy mount refuses umount, and
 ``FakeHost`` is the composition of one fake per protocol (``csi.host.fakes``), all over one
 shared model of the node (``FakeState``): its attributes (``files``, ``mounts``,
 ``foreign_users``, ``other_namespaces``, ``temporary``, ``nonempty``, ``mkfs_eager``, ``faults``,
-...) are that model, for tests to arrange and inspect.
+``direct_volumes``, ``file_holders``, ...) are that model, for tests to arrange and inspect.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from csi.host.fakes import (
     ATTACHED_OFFSET,
     STEPS,
+    FakeDirectVolumes,
     FakeDmCrypt,
     FakeFile,
     FakeFiles,
@@ -32,7 +33,9 @@ __all__ = ["ATTACHED_OFFSET", "STEPS", "FakeFile", "FakeHost", "FakeMount"]
 
 
 @dataclass
-class FakeHost(FakeFiles, FakeMounts, FakeDmCrypt, FakeLoops, FakeNbd, FakeFscrypt):
+class FakeHost(
+    FakeFiles, FakeMounts, FakeDmCrypt, FakeLoops, FakeNbd, FakeFscrypt, FakeDirectVolumes
+):
     """Every protocol of ``NodeHost`` over one ``FakeState``."""
 
     # readiness ---------------------------------------------------------------------------
@@ -41,11 +44,21 @@ class FakeHost(FakeFiles, FakeMounts, FakeDmCrypt, FakeLoops, FakeNbd, FakeFscry
 
 
 if TYPE_CHECKING:  # mypy: each fake is its protocol, and FakeHost is all of them
-    from csi.host import Directories, DmCrypt, Files, Fscrypt, Loops, Mounts, Nbd, NodeHost
+    from csi.host import (
+        Directories,
+        DirectVolumes,
+        DmCrypt,
+        Files,
+        Fscrypt,
+        Loops,
+        Mounts,
+        Nbd,
+        NodeHost,
+    )
 
     def _conforms(
         files: FakeFiles, dmcrypt: FakeDmCrypt, loops: FakeLoops, nbd: FakeNbd,
-        fscrypt: FakeFscrypt, host: FakeHost,
+        fscrypt: FakeFscrypt, kata: FakeDirectVolumes, host: FakeHost,
     ) -> None:
         as_files: Files = files
         as_dmcrypt: DmCrypt = dmcrypt
@@ -53,7 +66,8 @@ if TYPE_CHECKING:  # mypy: each fake is its protocol, and FakeHost is all of the
         as_nbd: Nbd = nbd
         as_fscrypt: Fscrypt = fscrypt
         as_directories: Directories = fscrypt
+        as_direct_volumes: DirectVolumes = kata
         as_mounts: Mounts = host  # FakeMounts alone lacks device_size (FakeDmCrypt's)
         as_node: NodeHost = host
         del as_files, as_dmcrypt, as_loops, as_nbd, as_fscrypt, as_directories, as_mounts
-        del as_node
+        del as_direct_volumes, as_node

@@ -25,12 +25,13 @@ from csi.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from csi.host import FsStats, KeyRemoval, LuksFormat, MappingUse, Quota
+from csi.host import DirectVolume, FsStats, KeyRemoval, LuksFormat, MappingUse, Quota
 from csi.host import commands as cmd
 from csi.host.commands import EXT4_GROUP_BYTES as EXT4_GROUP_BYTES  # re-export (tests)
 from csi.host.commands import FORMAT_TIMEOUT, GROW_TIMEOUT
 from csi.host.commands import unwiped_prefill as unwiped_prefill  # re-export (tests)
 from csi.host.fscrypt import FscryptHost
+from csi.host.kata import KataHost
 from csi.host.nbd import Qcow2Nbd
 from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, Runner, run
 from csi.keys import VolumeKey
@@ -666,6 +667,32 @@ class LinuxHost:
 
     def files_open_in(self, root: str, project: int) -> list[str]:
         return self._fscrypt.files_open_in(root, project)
+
+    # Kata direct volumes and the guard (csi.host.kata) ----------------------------------------
+    @functools.cached_property
+    def _kata(self) -> KataHost:
+        return KataHost(self)
+
+    def direct_volume_write(self, root: str, target: str, volume: DirectVolume) -> None:
+        self._kata.write(root, target, volume)
+
+    def direct_volume_read(self, root: str, target: str) -> DirectVolume | None:
+        return self._kata.read(root, target)
+
+    def direct_volume_remove(self, root: str, target: str) -> None:
+        self._kata.remove(root, target)
+
+    def direct_volume_targets(self, root: str) -> dict[str, DirectVolume | None]:
+        return self._kata.targets(root)
+
+    def guard_mount(self, target: str) -> None:
+        self._kata.guard_mount(target)
+
+    def is_guarded(self, target: str) -> bool:
+        return self._kata.is_guarded(target)
+
+    def file_users(self, path: str) -> list[str]:
+        return self._kata.file_users(path)
 
     # readiness ---------------------------------------------------------------------------
     def missing_requirements(self) -> list[str]:

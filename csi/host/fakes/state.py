@@ -22,7 +22,8 @@ STEPS = (
     "remove_tree", "clear_dir", "is_bound_from", "dir_mounts", "fscrypt_unavailable",
     "fscrypt_pool", "make_project_dir", "dir_project", "fscrypt_add_key", "fscrypt_set_policy",
     "fscrypt_policy_of", "fscrypt_key_status", "fscrypt_remove_key", "quota_get", "quota_set",
-    "files_open_in",
+    "files_open_in", "direct_volume_write", "direct_volume_read", "direct_volume_remove",
+    "direct_volume_targets", "guard_mount", "is_guarded", "file_users",
 )  # fmt: skip
 ATTACHED_OFFSET = 1024**2  # where the data starts behind an attached LUKS2 header
 
