@@ -39,6 +39,8 @@ class Config:
     # for a pod that is still shutting down (terminationGracePeriodSeconds, 30 s by default),
     # shorter than the liveness probe's patience (60 s in the chart)
     state_lock_wait: float = 30.0
+    # where Kata Containers' runtime looks for direct-assigned volumes (kata=guest|host)
+    kata_direct_volume_root: str = "/run/kata-containers/shared/direct-volumes"
 
     @property
     def socket_path(self) -> str:
@@ -94,6 +96,8 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "state-lock-wait": ("STATE_LOCK_WAIT", "how long (seconds, or 30s/1m) a starting driver "
                         "waits for another driver on the same state dir to exit before it gives "
                         "up; 0 gives up at once"),
+    "kata-direct-volume-root": ("KATA_DIRECT_VOLUME_ROOT", "where the Kata Containers runtime "
+                                "reads direct-assigned volumes (kata=guest|host)"),
     "kube-api-url": ("KUBE_API_URL", ""),  # hidden: development and tests only
 }
 HIDDEN_FLAGS = {"kube-api-url"}
@@ -173,6 +177,9 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
         kube_api_url=_kube_api_url(get("kube-api-url", base.kube_api_url)),
         qsd_socket=_absolute("qsd-socket", get("qsd-socket", base.qsd_socket)),
         state_lock_wait=duration("state-lock-wait", base.state_lock_wait, 0),
+        kata_direct_volume_root=_absolute(
+            "kata-direct-volume-root",
+            get("kata-direct-volume-root", base.kata_direct_volume_root)),
     )
     endpoint_path(config.endpoint)
     if config.min_size > config.max_size:

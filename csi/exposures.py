@@ -3,7 +3,8 @@
 A filesystem is mounted (an inline volume's target, a PVC's staging path); a PVC's staging
 directory is bound into each pod's target; a block volume's device node is bound onto a file at
 each target; a directory backing's volume (fscrypt) is bound at its primary path instead of
-mounted. Next: a hand-off to a Kata VM, where nothing is mounted on the host. Every exposure
+mounted; a volume for a Kata VM is handed over (nothing of it is mounted on the host). Every
+exposure
 answers "is the volume exposed at this path?" from the kernel, through the volume's backing
 (``Shows``: the visible mount has the mapping's device number, or is a bind of the volume's
 directory), never from a source string, and undoes only its own mount.
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from csi.errors import Internal
-from csi.host import FsStats, Host
+from csi.host import DirectVolume, DirectVolumes, FsStats, Host
 
 if TYPE_CHECKING:
     from csi.journal import Names
@@ -142,3 +143,56 @@ class Unrecorded(Exposure):
             self.host.remove_dir(path)
         else:
             self.host.remove_file(path)
+
+
+def kata_volume(kata: str, device: str, fs_type: str, flags: tuple[str, ...] | list[str], *,
+                readonly: bool, group: str) -> DirectVolume:  # fmt: skip
+    """What Kata's runtime reads for the target. ``guest``: the agent luksFormats the raw disk
+    under a key born in the VM and makes ext4 on it (``encryptionKey`` must be exactly
+    ``ephemeral``, or the agent formats it as plaintext); ``host``: our opened, formatted
+    device, mounted by the guest."""
+    metadata = {"fsGroup": group} if group else {}
+    if kata == "guest":
+        metadata = {"encryptionKey": "ephemeral", "createFilesystem": "true", **metadata}
+    options = [f for f in flags if f not in ("ro", "rw")]
+    if readonly or "ro" in flags:
+        options.append("ro")
+    return DirectVolume("directvol", device, fs_type, metadata, options)
+
+
+class KataHandOff(Exposure):
+    """A disk handed to the pod's Kata VM: Kata's mountInfo.json for the target, under a guard
+    that covers the target (an empty read-only tmpfs): a pod that is not run by Kata gets EROFS,
+    never a writable plain directory on the node's disk. Kata replaces the guard by the disk in
+    the VM; on the host nothing of the volume is mounted (two mounts of one ext4 corrupt it)."""
+
+    def __init__(self, host: Host, kata: DirectVolumes, root: str, volume: DirectVolume) -> None:
+        super().__init__(host)
+        self.kata = kata
+        self.root = root
+        self.volume = volume
+
+    def _ours(self, path: str) -> bool:
+        found = self.kata.direct_volume_read(self.root, path)
+        return found is not None and found.device == self.volume.device
+
+    def is_exposed(self, names: Names, path: str) -> bool:
+        return bool(path) and self._ours(path) and self.kata.is_guarded(path)
+
+    def expose(self, names: Names, source: str, path: str) -> None:
+        self.host.make_dir(path)
+        self.kata.guard_mount(path)  # first: covered before Kata could look
+        self.kata.direct_volume_write(self.root, path, self.volume)
+
+    def unexpose(self, names: Names, path: str) -> bool:
+        """Take back the hand-off (only a mountInfo.json naming our device) and the guard."""
+        ours = self._ours(path)
+        if ours:
+            self.kata.direct_volume_remove(self.root, path)
+        guarded = self.kata.is_guarded(path)
+        if guarded:
+            self.host.umount(path)
+        return ours or guarded
+
+    def stats(self, names: Names, path: str) -> FsStats | None:
+        return None  # the filesystem lives in the guest

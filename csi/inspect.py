@@ -64,6 +64,10 @@ class Inspector:
         names = self.volumes.names(volume_id)
         backing = self.volumes.backing_of(record.spec)
         health = self.health(names, record, volume_path)
+        if record.spec.kata != "off":  # its filesystem lives in the guest: the disk's allocation
+            allocated, total = backing.allocated(names), record.spec.size
+            return VolumeStats(FsStats(total, max(0, total - allocated), allocated, 0, 0, 0),
+                               health)  # fmt: skip
         if record.spec.access_type == "block":
             size = self.host.device_size(backing.source(names)) if not health.abnormal else None
             return VolumeStats(None, health, size)
@@ -76,6 +80,9 @@ class Inspector:
         problems = backing.health(names, record.spec)
         if backing.find(names) is None:
             pass  # nothing can be exposed without it: the backing said why
+        elif record.spec.kata != "off":
+            if path != record.staging_path and not self._handed_off(names, record, path):
+                problems.append(f"volume is not handed to a Kata VM at {path}")
         elif record.spec.access_type == "block":
             bound = path == record.staging_path or BindDevice(
                 self.host, [], backing.shown_at).is_exposed(names, path)  # fmt: skip
@@ -87,10 +94,20 @@ class Inspector:
             problems.append(f"filesystem has recorded {errors} errors")
         if problems:
             return VolumeHealth(True, "; ".join(problems))
+        if record.spec.kata != "off":
+            return VolumeHealth(False, "volume is healthy; its filesystem lives in the Kata VM, "
+                                "so usage is the disk's allocation on the node")  # fmt: skip
         return VolumeHealth(False, "volume is healthy")
 
+    def _handed_off(self, names: Names, record: Record, path: str) -> bool:
+        spec = record.spec
+        return self.volumes.hand_off(names, spec, spec.mount_flags,
+                                     readonly=spec.readonly).is_exposed(names, path)  # fmt: skip
+
     def _mounted(self, names: Names, record: Record) -> bool:
-        if record.provisioned and record.spec.access_type == "block":
+        if record.spec.kata != "off" and not record.provisioned:
+            return self._handed_off(names, record, record.target_path)
+        if record.provisioned and (record.spec.access_type == "block" or record.spec.kata != "off"):
             return self.volumes.backing_of(record.spec).find(names) is not None  # staged = open
         backing = self.volumes.backing_of(record.spec)
         return backing.shown_at(names, self.volumes.primary_path(record))

@@ -27,6 +27,7 @@ BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 ORPHAN_REASONS = (
     "backing_without_record", "mapping_without_record", "header_without_record", "pod_gone",
     "export_without_record", "loop_without_record", "directory_without_record",
+    "handoff_without_record",
 )  # fmt: skip
 BACKINGS = backings.names()
 ACCESS_TYPES = ("mount", "block")

@@ -37,12 +37,16 @@ MAX_MOUNT_FLAGS = 32  # entries of mount_flags
 MAX_MOUNT_FLAGS_LENGTH = 1024  # their characters in all
 
 CO_PREFIX = "csi.storage.k8s.io/"
+# off: a volume of the node; guest: a raw disk handed to the pod's Kata VM, which makes and keeps
+# the key; host: our decrypted device handed to the Kata VM (the host holds the key)
+KATA_MODES = ("off", "guest", "host")
 CHOICES: dict[str, tuple[str, ...]] = {
     "backing": backings.names(),
     "preallocate": ("true", "false"),
     "integrity": ("none", "hmac-sha256"),
     "header": ("detached", "attached"),
     "cipher": ("aes-xts-plain64", "xchacha12,aes-adiantum-plain64"),
+    "kata": KATA_MODES,
 }
 DEFAULTS = {
     "size": "1Gi",
@@ -51,6 +55,7 @@ DEFAULTS = {
     "integrity": "none",
     "header": "detached",
     "cipher": "aes-xts-plain64",
+    "kata": "off",
 }
 FS_TYPES = ("ext4", "xfs")
 DEFAULT_FS = "ext4"
@@ -135,6 +140,7 @@ class VolumeSpec:
     mount_flags: tuple[str, ...] = ()
     readonly: bool = False
     mount_group: str = ""
+    kata: str = "off"
 
     @property
     def backing_bytes(self) -> int:
@@ -151,6 +157,8 @@ class VolumeSpec:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["mount_flags"] = list(self.mount_flags)
+        if self.kata == "off":  # a record stays exactly as versions before Kata wrote it
+            del data["kata"]
         return data
 
     @classmethod
@@ -195,6 +203,7 @@ def parse_attributes(attributes: dict[str, str], *, min_size: int, max_size: int
         "integrity": values["integrity"],
         "header": values["header"],
         "cipher": values["cipher"],
+        "kata": values["kata"],
     }
 
 
@@ -276,6 +285,8 @@ def volume_context(spec: VolumeSpec) -> dict[str, str]:
         "integrity": spec.integrity,
         "header": spec.header,
         "cipher": spec.cipher,
+        # only when asked: a driver rolled back to a version without Kata still stages the PV
+        **({"kata": spec.kata} if spec.kata != "off" else {}),
     }
 
 
@@ -327,6 +338,7 @@ def validate_mount_group(group: str) -> str:
 def check_combination(spec: VolumeSpec) -> None:
     """Rules across parameters, with the reason a person needs to fix the request."""
     backings.kind(spec.backing).check_spec(spec)
+    check_kata(spec)
     if spec.integrity != "none" and spec.cipher != "aes-xts-plain64":
         raise InvalidArgument(f"integrity={spec.integrity} works only with cipher=aes-xts-plain64")
     if spec.fs_type == "xfs" and spec.access_type == "mount" and spec.size < XFS_MIN_BYTES:
@@ -334,3 +346,37 @@ def check_combination(spec: VolumeSpec) -> None:
             f"xfs needs at least 300Mi; size={format_bytes(spec.size)} is too small: "
             "ask for size 300Mi or more, or use ext4"
         )
+
+
+# what a volume handed to a Kata VM cannot be, and why
+_KATA_GUEST_RULES: tuple[tuple[str, str], ...] = (
+    ("integrity", "the guest's configuration decides whether it adds dm-integrity"),
+    ("header", "the guest keeps the LUKS header in its memory"),
+    ("cipher", "the guest's configuration decides the cipher"),
+)
+
+
+def check_kata(spec: VolumeSpec) -> None:
+    """The rules of a Kata hand-off, with the reason a person needs to fix the request."""
+    if spec.kata == "off":
+        return
+    if spec.kata not in backings.kind(spec.backing).KATA_MODES:
+        able = [n for n in backings.names() if spec.kata in backings.kind(n).KATA_MODES]
+        raise InvalidArgument(
+            f"kata={spec.kata} cannot hand over a backing={spec.backing} volume: use "
+            + " or ".join(f"backing={name}" for name in able)
+        )
+    if spec.access_type != "mount":
+        raise InvalidArgument(
+            f"kata={spec.kata} hands the VM a disk with a filesystem on it: block access is not "
+            "supported; ask for a filesystem volume"
+        )
+    if spec.kata == "guest":
+        if spec.fs_type != "ext4":
+            raise InvalidArgument(
+                "kata=guest: the Kata agent formats the disk itself, always as ext4; ask for "
+                f"fs type ext4, not {spec.fs_type}"
+            )
+        for key, why in _KATA_GUEST_RULES:
+            if getattr(spec, key) != DEFAULTS[key]:
+                raise InvalidArgument(f"kata=guest: parameter {key} does not apply: {why}")

@@ -11,13 +11,15 @@ headers. A record that cannot be read still names its objects: they are never or
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from csi.backings import Orphan
+from csi.backings.luks import BACKING_FILE, MAPPING_PREFIX
 from csi.errors import Busy, DriverError
-from csi.journal import HALF_DONE
+from csi.journal import HALF_DONE, PUBLISHED, Record
 
 if TYPE_CHECKING:
     from csi.volumes import Events, Volumes
@@ -65,6 +67,10 @@ class Reconciler:
                     log.exception("start-up could not roll back volume %s", record.volume_id)
                 known.add(names.digest)
                 report.failures.append(f"{record.volume_id}: {exc}")
+        try:
+            self._reconcile_hand_offs(known, report)
+        except DriverError as exc:
+            report.failures.append(f"Kata direct volumes not checked: {exc}")
         for digest in sorted(volumes.journal.unreadable_digests()):
             known.add(digest)
             report.failures.append(f"journal record {digest}.json is unreadable and was set "
@@ -74,6 +80,55 @@ class Reconciler:
         except DriverError as exc:
             report.failures.append(f"orphan check stopped: {exc}")
         return report
+
+    def _digest_of(self, device: str) -> str | None:
+        """The digest a handed-off device names, if it is one of ours (a raw file of the data
+        dir, or one of our mappings)."""
+        if os.path.dirname(device) == self.volumes.config.data_dir.rstrip("/"):
+            match = BACKING_FILE.match(os.path.basename(device))
+            return match.group(1) if match else None
+        name = device.removeprefix("/dev/mapper/")
+        if device.startswith("/dev/mapper/") and name.startswith(MAPPING_PREFIX):
+            return name[len(MAPPING_PREFIX):]
+        return None
+
+    def _reconcile_hand_offs(self, known: set[str], report: ReconcileReport) -> None:
+        """Kata direct volumes naming a device of ours that no record accounts for are taken
+        back (with their guard); a handed-off record whose direct volume is gone (someone
+        removed it: no VM can get the disk any more) is torn down. Nothing is looked at on a
+        node without the direct-volume root (no Kata there)."""
+        volumes = self.volumes
+        root = volumes.config.kata_direct_volume_root
+        if not self.host.is_dir(root):
+            return
+        handed: dict[str, set[str]] = {}  # digest -> targets
+        for target, volume in volumes.kata.direct_volume_targets(root).items():
+            digest = self._digest_of(volume.device) if volume else None
+            if digest is None:
+                continue  # not ours (or unreadable: never ours to delete)
+            handed.setdefault(digest, set()).add(target)
+            if digest in known:
+                continue
+            volumes.kata.direct_volume_remove(root, target)
+            if volumes.kata.is_guarded(target):
+                self.host.umount(target)
+            report.count("handoff_without_record", self.events)
+        for record in volumes.journal.all():
+            self._drop_lost_hand_offs(record, handed, report)
+
+    def _drop_lost_hand_offs(self, record: Record, handed: dict[str, set[str]],
+                             report: ReconcileReport) -> None:  # fmt: skip
+        if record.spec.kata == "off" or record.provisioned or record.state != PUBLISHED:
+            return
+        names = self.volumes.names(record.volume_id)
+        if record.target_path in handed.get(names.digest, set()):
+            return
+        try:
+            with self.volumes.locks.hold(record.volume_id):
+                self.volumes.teardown(names, record.target_path, record)
+            report.rolled_back.append(record.volume_id)
+        except DriverError as exc:
+            report.failures.append(f"{record.volume_id}: {exc}")
 
     def _remove_orphans(self, known: set[str], report: ReconcileReport) -> None:
         luks = self.volumes.luks

@@ -202,6 +202,12 @@ class StagedVolumes:
                     f"volume {request.volume_id} is already published at {request.target_path} "
                     f"with other options ({','.join(known)})"
                 )
+            if known is None and record.spec.kata != "off" and record.targets:
+                raise FailedPrecondition(
+                    f"volume {request.volume_id} is already handed to a Kata VM at "
+                    f"{', '.join(sorted(record.targets))}: two VMs on one disk would corrupt it; "
+                    "a kata volume has one pod at a time"
+                )
             if known is None:
                 record.targets[request.target_path] = options
                 self.journal.write(record)  # intent first: unstage refuses while it is listed
@@ -225,8 +231,12 @@ class StagedVolumes:
         return record
 
     def _exposure(self, record: Record, options: list[str]) -> Exposure:
-        """A pod's target: the staging directory bound there, or the device node of a block
-        volume bound onto a file."""
+        """A pod's target: the staging directory bound there, the device node of a block volume
+        bound onto a file, or a Kata hand-off."""
+        if record.spec.kata != "off":
+            names = self.core.names(record.volume_id)
+            flags = [o for o in options if o not in ("nosuid", "nodev")]
+            return self.core.hand_off(names, record.spec, flags, readonly="ro" in options)
         shows = self.core.backing_of(record.spec).shown_at
         if record.spec.access_type == BLOCK:
             return BindDevice(self.host, options, shows)
@@ -237,7 +247,9 @@ class StagedVolumes:
         exposure = self._exposure(record, options)
         if exposure.is_exposed(names, target):
             return
-        if record.spec.access_type == BLOCK:
+        if record.spec.access_type == BLOCK or record.spec.kata != "off":
+            if record.spec.kata != "off":  # never hand a VM a disk that is not prepared
+                self._check_prepared(names, record)
             exposure.expose(names, self.core.backing_of(record.spec).source(names), target)
             return
         # never bind an unmounted staging dir: the pod would write plaintext to the node's

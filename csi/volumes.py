@@ -34,9 +34,9 @@ from csi.errors import (
     FailedPrecondition,
     InvalidArgument,
 )
-from csi.exposures import Exposure, Unrecorded
+from csi.exposures import Exposure, KataHandOff, Unrecorded, kata_volume
 from csi.gate import NodeGate
-from csi.host import Host, NodeHost
+from csi.host import DirectVolumes, Host, NodeHost
 from csi.ids import check_provisioned_id, check_volume_id, is_provisioned_id
 from csi.inspect import Inspector, VolumeHealth, VolumeInfo, VolumeStats
 from csi.journal import (
@@ -109,7 +109,9 @@ class Volumes:
         self.events = events or Events()
         self.journal.on_set_aside = self.events.record_set_aside
         self.locks = NodeGate()
-        context = Context(host, key_source, self.timed_step, config.data_dir, config.state_dir)
+        self.kata: DirectVolumes = host  # Kata's direct-assigned volumes (kata=guest|host)
+        context = Context(host, key_source, self.timed_step, config.data_dir, config.state_dir,
+                          config.kata_direct_volume_root)  # fmt: skip
         self.backings = backings.build(context)
         self.capacity = Capacity(config, host, self.journal, self.allocated)
         self.luks = Luks(context)  # the dm-crypt layer the LUKS backings share
@@ -171,7 +173,7 @@ class Volumes:
 
     # the shared lifecycle ------------------------------------------------------------------
     def backing_of(self, spec: VolumeSpec) -> Backing:
-        return self.backings[spec.backing]
+        return self.backings[backings.instance_name(spec)]
 
     def check_backing_available(self, spec: VolumeSpec) -> None:
         """Refuse a backing up front where it cannot work, before anything is reserved or made."""
@@ -203,11 +205,23 @@ class Volumes:
         spec = record.spec
         if spec.access_type != "mount":
             return None
+        if spec.kata != "off":  # handed to each pod's VM at its target; a PVC stages no mount
+            if record.provisioned:
+                return None
+            names = self.names(record.volume_id)
+            return self.hand_off(names, spec, spec.mount_flags, readonly=spec.readonly)
         flags = spec.mount_flags
         if record.provisioned:  # a staging mount is always rw: each pod's bind says ro or rw
             flags = tuple(f for f in flags if f not in ("ro", "rw"))
         readonly = spec.readonly and not record.provisioned
         return self.backing_of(spec).filesystem_exposure(spec, flags, readonly=readonly)
+
+    def hand_off(self, names: Names, spec: VolumeSpec, flags: tuple[str, ...] | list[str], *,
+                 readonly: bool) -> KataHandOff:  # fmt: skip
+        """How a kata=guest|host volume reaches the Kata VM at a target."""
+        volume = kata_volume(spec.kata, self.backing_of(spec).source(names), spec.fs_type, flags,
+                             readonly=readonly, group=spec.mount_group)  # fmt: skip
+        return KataHandOff(self.host, self.kata, self.config.kata_direct_volume_root, volume)
 
     def expose_primary(self, names: Names, record: Record) -> None:
         exposure = self.primary_exposure(record)
@@ -231,7 +245,9 @@ class Volumes:
         ours = self._check(names, chosen[0], exposure, primary)
         if record is not None or ours:
             with self.timed_step("unmount"):
-                if ours and exposure is not None:
+                # a recorded exposure undoes whatever part of it is there (each checks that
+                # it is its own): a hand-off whose mountInfo.json is gone still has a guard
+                if exposure is not None and (ours or record is not None):
                     exposure.unexpose(names, primary)
         try:
             shredded = chosen[0].release(names)

@@ -41,10 +41,13 @@ What each method promises:
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from csi.backings.base import Backing, Context, Orphan
 from csi.backings.fscrypt import FscryptBacking
 from csi.backings.loop import LoopBacking
 from csi.backings.qcow2 import Qcow2Backing
+from csi.backings.raw import RawFileBacking
 
 # name -> class; the first is the default of the ``backing`` parameter
 REGISTRY: dict[str, type[Backing]] = {
@@ -54,8 +57,11 @@ REGISTRY: dict[str, type[Backing]] = {
 }
 DEFAULT = next(iter(REGISTRY))
 
+if TYPE_CHECKING:
+    from csi.params import VolumeSpec
+
 __all__ = ["DEFAULT", "REGISTRY", "Backing", "Context", "Orphan", "build", "fixed_reasons",
-           "kind", "names"]  # fmt: skip
+           "instance_name", "kind", "names"]  # fmt: skip
 
 
 def names() -> tuple[str, ...]:
@@ -67,6 +73,12 @@ def kind(name: str) -> type[Backing]:
     return REGISTRY[name]
 
 
+def instance_name(spec: VolumeSpec) -> str:
+    """Which of ``build``'s instances serves a volume: its backing's, or, for a disk a Kata VM
+    formats itself (kata=guest), the raw file's."""
+    return RawFileBacking.name if spec.kata == "guest" else spec.backing
+
+
 def fixed_reasons() -> dict[str, str]:
     """Every word a volume id may carry for a shape that can never grow, with its reason."""
     reasons: dict[str, str] = {}
@@ -76,5 +88,7 @@ def fixed_reasons() -> dict[str, str]:
 
 
 def build(context: Context) -> dict[str, Backing]:
-    """One instance of every backing for this node."""
-    return {name: cls(context) for name, cls in REGISTRY.items()}
+    """One instance of every backing for this node, and of the raw Kata disk."""
+    every = {name: cls(context) for name, cls in REGISTRY.items()}
+    every[RawFileBacking.name] = RawFileBacking(context)
+    return every

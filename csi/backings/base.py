@@ -30,6 +30,7 @@ class Context:
     step: StepTimer
     data_dir: str
     state_dir: str
+    kata_root: str = ""  # where the Kata runtime reads direct-assigned volumes
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Backing(ABC):
     name: ClassVar[str]
     # words a volume id may carry for a shape that can never grow -> the reason, for people
     FIXED_REASONS: ClassVar[dict[str, str]] = {}
+    # how its volumes may be handed to a Kata VM (the ``kata`` parameter's values)
+    KATA_MODES: ClassVar[tuple[str, ...]] = ("off",)
 
     def __init__(self, context: Context) -> None:
         self.context = context

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
 class LoopBacking(LuksFileBacking):
     name: ClassVar[str] = "loop"
+    KATA_MODES: ClassVar[tuple[str, ...]] = ("off", "guest", "host")  # guest: the raw file
 
     def unavailable(self) -> str | None:
         return None  # the node's readiness check already requires losetup and device-mapper

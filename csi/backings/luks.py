@@ -37,6 +37,10 @@ INTEGRITY_FIXED = (
     "volumes with integrity cannot grow: the dm-integrity layer under the mapping keeps its "
     "size; create a new volume of the size you need"
 )
+KATA_FIXED = (
+    "volumes handed to a Kata VM cannot grow: the filesystem lives in the guest, which does not "
+    "learn a new disk size; create a new volume of the size you need"
+)
 
 
 def key_bits(spec: VolumeSpec) -> int:
@@ -163,7 +167,7 @@ class Luks:
 class LuksFileBacking(Backing):
     """LUKS2 over a file in the data dir, made a block device by the subclass."""
 
-    FIXED_REASONS: ClassVar[dict[str, str]] = {"integrity": INTEGRITY_FIXED}
+    FIXED_REASONS: ClassVar[dict[str, str]] = {"integrity": INTEGRITY_FIXED, "kata": KATA_FIXED}
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
@@ -198,6 +202,8 @@ class LuksFileBacking(Backing):
 
     @classmethod
     def fixed_reason(cls, spec: VolumeSpec) -> str:
+        if spec.kata != "off":
+            return "kata"
         return "integrity" if spec.integrity != "none" else ""
 
     # lifecycle ---------------------------------------------------------------------------

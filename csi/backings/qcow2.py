@@ -8,7 +8,7 @@ import logging
 from typing import TYPE_CHECKING, ClassVar
 
 from csi.backings.base import Orphan
-from csi.backings.luks import INTEGRITY_FIXED, MAPPING_PREFIX, LuksFileBacking
+from csi.backings.luks import INTEGRITY_FIXED, KATA_FIXED, MAPPING_PREFIX, LuksFileBacking
 from csi.errors import Busy
 
 if TYPE_CHECKING:
@@ -27,7 +27,9 @@ QCOW2_FIXED = (
 
 class Qcow2Backing(LuksFileBacking):
     name: ClassVar[str] = "qcow2"
-    FIXED_REASONS: ClassVar[dict[str, str]] = {"qcow2": QCOW2_FIXED, "integrity": INTEGRITY_FIXED}
+    FIXED_REASONS: ClassVar[dict[str, str]] = {"qcow2": QCOW2_FIXED, "integrity": INTEGRITY_FIXED,
+                                               "kata": KATA_FIXED}  # fmt: skip
+    KATA_MODES: ClassVar[tuple[str, ...]] = ("off", "host")
 
     @classmethod
     def disk_bytes(cls, spec: VolumeSpec) -> int:

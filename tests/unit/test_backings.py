@@ -32,7 +32,7 @@ def test_parameter_values_metric_labels_and_chart_enum_all_come_from_the_registr
 
 def test_growth_classes_in_volume_ids_come_from_the_backings() -> None:
     words = set().union(*(cls.FIXED_REASONS for cls in REGISTRY.values()))
-    assert set(ids.FIXED_REASONS) == words == {"qcow2", "integrity"}
+    assert set(ids.FIXED_REASONS) == words == {"qcow2", "integrity", "kata"}
     for word in words:
         assert ids.node_of(f"node-a/{'0' * 32}.{word}") == "node-a"
     assert ids.node_of(f"node-a/{'0' * 32}.sparse") is None

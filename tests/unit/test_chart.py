@@ -25,7 +25,7 @@ import yaml
 
 from csi.config import Config, add_flags, from_args
 from csi.host.nbd import Qcow2Nbd
-from csi.params import CHOICES
+from csi.params import CHOICES, KATA_MODES
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "tools"))
@@ -45,6 +45,7 @@ SIDECAR_REGISTRY = "registry.k8s.io/sig-storage/"
 STATE_DIR = "/run/luks-ephemeral-csi"
 DATA_DIR = "/var/lib/luks-ephemeral-csi"
 QMP_SOCKET = f"{STATE_DIR}/qsd/qmp.sock"
+KATA_ROOT = "/run/kata-containers/shared/direct-volumes"  # Kata's own default
 NODE_ACCOUNT = f"{RELEASE}-node"
 CONTROLLER = f"{RELEASE}-controller"
 
@@ -261,6 +262,12 @@ def test_rendered_kinds(default_objects: list[Obj], full_objects: list[Obj]) -> 
         ),  # with maxSurge 0: no progress
         ("sidecars.provisioner.image.digest=latest", "/sidecars/provisioner/image/digest"),
         ("storageClass.parameters.backing=zfs", "/storageClass/parameters/backing"),
+        ("storageClass.parameters.kata=yes", "/storageClass/parameters/kata"),
+        ("kata.directVolumeRoot=run/kata", "/kata/directVolumeRoot"),  # relative
+        ("kata.directVolumeRoot=/run/a b", "/kata/directVolumeRoot"),  # a space
+        ("kata.directVolumeRoot=/", "/kata/directVolumeRoot"),  # the node's root
+        ("kata.directVolumeRoot=/run/kata/", "/kata/directVolumeRoot"),  # one spelling only
+        ("kata.root=/run/kata", "/kata"),  # a typo is not silently ignored
     ],
 )
 def test_values_schema_rejects_bad_values(helm: Path, setting: str, message: str) -> None:
@@ -321,6 +328,81 @@ def test_values_schema_refuses_what_does_not_apply_to_fscrypt(
     assert done.returncode == 0, done.stderr
 
 
+# kata: the StorageClass's hand-off modes ----------------------------------------------------
+def test_storage_class_offers_every_kata_mode(helm: Path) -> None:
+    """The enum is the driver's own (csi.params.KATA_MODES), in its order."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    parameters = schema["properties"]["storageClass"]["properties"]["parameters"]["properties"]
+    assert parameters["kata"]["enum"] == list(KATA_MODES) == ["off", "guest", "host"]
+    for mode in KATA_MODES:
+        objects = render(helm, "storageClass.create=true", f"storageClass.parameters.kata={mode}")
+        assert find(objects, "StorageClass")["parameters"]["kata"] == mode
+
+
+def test_kata_guest_storage_class_with_the_parameters_that_apply(helm: Path) -> None:
+    """Explicit defaults are fine with kata=guest, and so is preallocate (the raw file may be
+    preallocated): the driver refuses only what the guest decides itself."""
+    given = {"kata": "guest", "backing": "loop", "integrity": "none", "header": "detached",
+             "cipher": "aes-xts-plain64", "preallocate": "true"}  # fmt: skip
+    objects = render(helm, "storageClass.create=true",
+                     *[f"storageClass.parameters.{k}={v}" for k, v in given.items()])  # fmt: skip
+    params = find(objects, "StorageClass")["parameters"]
+    assert params == {"csi.storage.k8s.io/fstype": "ext4", **given}
+    objects = render(helm, "storageClass.create=true", "storageClass.parameters.kata=guest")
+    assert find(objects, "StorageClass")["parameters"] == {
+        "csi.storage.k8s.io/fstype": "ext4", "kata": "guest"
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("storageClass.fsType=xfs", "/storageClass/fsType"),  # the agent makes ext4
+        ("storageClass.parameters.backing=qcow2", "/storageClass/parameters/backing"),
+        ("storageClass.parameters.backing=fscrypt", "/storageClass/parameters/backing"),
+        ("storageClass.parameters.integrity=hmac-sha256", "/storageClass/parameters/integrity"),
+        ("storageClass.parameters.header=attached", "/storageClass/parameters/header"),
+        (
+            "storageClass.parameters.cipher=xchacha12\\,aes-adiantum-plain64",
+            "/storageClass/parameters/cipher",
+        ),
+    ],
+)
+def test_values_schema_refuses_what_does_not_apply_to_kata_guest(
+    helm: Path, setting: str, message: str
+) -> None:
+    """What the driver would refuse with INVALID_ARGUMENT for kata=guest fails helm install;
+    the same value without a hand-off is fine."""
+    guest = ("--set", "storageClass.parameters.kata=guest")
+    done = run_helm(helm, "template", RELEASE, str(CHART), *guest, "--set", setting)
+    assert done.returncode != 0, f"helm accepted --set {setting} with kata=guest"
+    assert "schema" in done.stderr and message in done.stderr, done.stderr
+    off = ("--set", "storageClass.parameters.kata=off")
+    done = run_helm(helm, "template", RELEASE, str(CHART), *off, "--set", setting)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("backing", ["loop", "qcow2"])
+def test_kata_host_storage_class_hands_over_a_loop_or_qcow2_device(
+    helm: Path, backing: str
+) -> None:
+    """kata=host hands over our LUKS mapping: any fsType, integrity, header or cipher."""
+    given = {"kata": "host", "backing": backing, "integrity": "hmac-sha256", "header": "attached"}
+    objects = render(helm, "storageClass.create=true", "storageClass.fsType=xfs",
+                     *[f"storageClass.parameters.{k}={v}" for k, v in given.items()])  # fmt: skip
+    params = find(objects, "StorageClass")["parameters"]
+    assert params == {"csi.storage.k8s.io/fstype": "xfs", **given}
+
+
+def test_values_schema_refuses_kata_host_for_fscrypt(helm: Path) -> None:
+    """An fscrypt volume is a directory: there is no device to hand a VM."""
+    done = run_helm(helm, "template", RELEASE, str(CHART),
+                    "--set", "storageClass.parameters.kata=host",
+                    "--set", "storageClass.parameters.backing=fscrypt")  # fmt: skip
+    assert done.returncode != 0, "helm accepted kata=host with backing=fscrypt"
+    assert "schema" in done.stderr and "/storageClass/parameters/backing" in done.stderr
+
+
 # CSIDriver -------------------------------------------------------------------------------
 def test_csidriver(objects: list[Obj]) -> None:
     driver = find(objects, "CSIDriver")
@@ -335,10 +417,22 @@ def test_csidriver(objects: list[Obj]) -> None:
 
 
 # the node DaemonSet ----------------------------------------------------------------------
+def test_node_pods_see_the_hosts_processes_and_nothing_more_of_the_host(
+    objects: list[Obj],
+) -> None:
+    """hostPID: deciding that an fscrypt volume is unused needs every process and mount
+    namespace of the node (csi/host/fscrypt.py, dir_mounts and files_open_in). Not the host's
+    network nor IPC."""
+    spec = pod_spec(objects)
+    assert spec["hostPID"] is True
+    assert not spec.get("hostNetwork") and not spec.get("hostIPC")
+    assert "shareProcessNamespace" not in spec
+
+
 def test_only_the_driver_container_is_privileged(objects: list[Obj]) -> None:
     spec = pod_spec(objects)
     assert "initContainers" not in spec
-    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+    assert not spec.get("hostNetwork") and not spec.get("hostIPC")
     for name, container in containers(objects).items():
         sc = container.get("securityContext", {})
         if name == "driver":
@@ -382,6 +476,29 @@ def test_fscrypt_pool_mount_propagates_wherever_the_data_dir_is(helm: Path) -> N
     assert host_paths(objects)["data-dir"] == {"path": "/srv/lec-data", "type": "DirectoryOrCreate"}
     assert driver_config(objects).data_dir == "/srv/lec-data"
     assert mounts(containers(objects)["qsd"])["fscrypt-hidden"] == "/srv/lec-data/fscrypt"
+
+
+def test_kata_direct_volume_root_is_the_nodes_directory_at_the_same_path(
+    objects: list[Obj],
+) -> None:
+    """The driver writes Kata's mountInfo.json files where the Kata runtime on the node reads
+    them: the flag, the driver's mount and the hostPath name one path, Kata's default."""
+    driver = containers(objects)["driver"]
+    assert driver_config(objects).kata_direct_volume_root == KATA_ROOT
+    assert arg_value(driver, "--kata-direct-volume-root") == KATA_ROOT
+    (mount,) = [m for m in driver["volumeMounts"] if m["name"] == "kata-direct-volumes"]
+    assert mount == {"name": "kata-direct-volumes", "mountPath": KATA_ROOT}  # writable, no
+    # propagation: plain files, which the node sees through the bind
+    assert host_paths(objects)["kata-direct-volumes"] == {"path": KATA_ROOT,
+                                                          "type": "DirectoryOrCreate"}  # fmt: skip
+
+
+def test_kata_direct_volume_root_follows_the_value(helm: Path) -> None:
+    objects = render(helm, "kata.directVolumeRoot=/run/kata-alt/direct-volumes")
+    driver = containers(objects)["driver"]
+    assert driver_config(objects).kata_direct_volume_root == "/run/kata-alt/direct-volumes"
+    assert mounts(driver)["kata-direct-volumes"] == "/run/kata-alt/direct-volumes"
+    assert host_paths(objects)["kata-direct-volumes"]["path"] == "/run/kata-alt/direct-volumes"
 
 
 def test_registrar_registers_the_socket_in_the_plugin_dir(objects: list[Obj]) -> None:

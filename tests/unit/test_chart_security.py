@@ -25,6 +25,7 @@ from tests.unit.test_chart import (
     CHART,
     DATA_DIR,
     FULL_VALUES,
+    KATA_ROOT,
     RELEASE,
     STATE_DIR,
     Obj,
@@ -188,6 +189,26 @@ def test_qsd_never_sees_the_fscrypt_volumes(objects: list[Obj]) -> None:
     assert volumes["fscrypt-hidden"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Mi"}
     others = [n for n, c in pod.items() if "fscrypt-hidden" in mounts(c)]
     assert others == ["qsd"]
+
+
+def test_only_the_driver_sees_the_kata_direct_volumes(objects: list[Obj]) -> None:
+    """A mountInfo.json there tells the Kata runtime which file or device to give a pod's VM,
+    and with which metadata (encryptionKey=ephemeral or not): whoever can write it chooses what
+    a confidential pod gets. Only the driver mounts the directory; qsd and the sidecars never
+    see it, and it reaches no container with mount propagation."""
+    pod = containers(objects)
+    mount_info = f"{KATA_ROOT}/L3Zhci9saWIva3ViZWxldA==/mountInfo.json"
+    holders = [name for name, c in pod.items() if sees(c, mount_info)]
+    assert holders == ["driver"]
+    assert shown_by(pod["driver"], mount_info) == "kata-direct-volumes"
+    others = [n for n, c in pod.items() if "kata-direct-volumes" in mounts(c)]
+    assert others == ["driver"]
+    (mount,) = [m for m in pod["driver"]["volumeMounts"] if m["name"] == "kata-direct-volumes"]
+    assert "mountPropagation" not in mount
+    # nor does it lie in another mount of the driver's, where a second path could reach it
+    assert shown_by({"volumeMounts": [m for m in pod["driver"]["volumeMounts"]
+                                      if m["name"] != "kata-direct-volumes"]},
+                    mount_info) is None  # fmt: skip
 
 
 def test_sidecars_see_only_the_socket_dirs(objects: list[Obj]) -> None:
@@ -478,6 +499,13 @@ def test_checkov_allowlist_has_no_stale_entry(
     names = {r["check_id"]: r["check_name"] for r in checkov_report["results"]["failed_checks"]}
     for entry in allowlist_entries():  # the names tell a reader what each id is about
         assert entry["name"] == names[entry["check"]], entry["check"]
+
+
+def test_checkov_allowlist_gives_hostpid_to_the_node_pod_alone() -> None:
+    """hostPID (CKV_K8S_17) is a pod setting: allowed for the node DaemonSet, whose driver
+    needs it (fscrypt volumes in use in any mount namespace), never for the controller."""
+    resources = {resource for check, resource, _ in load_allowlist() if check == "CKV_K8S_17"}
+    assert resources == {"DaemonSet/node"}
 
 
 def test_checkov_allowlist_keeps_the_sidecars_unprivileged() -> None:

@@ -172,6 +172,7 @@ def test_parse_attributes_defaults() -> None:
         "integrity": "none",
         "header": "detached",
         "cipher": "aes-xts-plain64",
+        "kata": "off",
     }
 
 
@@ -184,6 +185,7 @@ def test_parse_attributes_every_value() -> None:
             "integrity": "hmac-sha256",
             "header": "attached",
             "cipher": "xchacha12,aes-adiantum-plain64",
+            "kata": "host",
         },
         **BOUNDS,
     )
@@ -194,6 +196,7 @@ def test_parse_attributes_every_value() -> None:
         "integrity": "hmac-sha256",
         "header": "attached",
         "cipher": "xchacha12,aes-adiantum-plain64",
+        "kata": "host",
     }
 
 
