@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from csi.backings import Orphan
 from csi.backings.luks import BACKING_FILE, MAPPING_PREFIX
 from csi.errors import Busy, DriverError
-from csi.journal import HALF_DONE, PUBLISHED, Record
+from csi.journal import HALF_DONE, PUBLISHED, Names, Record
 
 if TYPE_CHECKING:
     from csi.volumes import Events, Volumes
@@ -67,14 +67,14 @@ class Reconciler:
                     log.exception("start-up could not roll back volume %s", record.volume_id)
                 known.add(names.digest)
                 report.failures.append(f"{record.volume_id}: {exc}")
-        try:
-            self._reconcile_hand_offs(known, report)
-        except DriverError as exc:
-            report.failures.append(f"Kata direct volumes not checked: {exc}")
         for digest in sorted(volumes.journal.unreadable_digests()):
             known.add(digest)
             report.failures.append(f"journal record {digest}.json is unreadable and was set "
                                    "aside; its volume's objects are left alone")  # fmt: skip
+        try:
+            self._reconcile_hand_offs(known, report)
+        except DriverError as exc:
+            report.failures.append(f"Kata direct volumes not checked: {exc}")
         try:
             self._remove_orphans(known, report)
         except DriverError as exc:
@@ -101,24 +101,45 @@ class Reconciler:
         root = volumes.config.kata_direct_volume_root
         if not self.host.is_dir(root):
             return
+        entries = volumes.kata.direct_volume_targets(root)
         handed: dict[str, set[str]] = {}  # digest -> targets
-        for target, volume in volumes.kata.direct_volume_targets(root).items():
+        for target, volume in entries.items():
             digest = self._digest_of(volume.device) if volume else None
             if digest is None:
                 continue  # not ours (or unreadable: never ours to delete)
             handed.setdefault(digest, set()).add(target)
-            if digest in known:
-                continue
-            volumes.kata.direct_volume_remove(root, target)
-            if volumes.kata.is_guarded(target):
-                self.host.umount(target)
-            report.count("handoff_without_record", self.events)
-        for record in volumes.journal.all():
+            if digest not in known:
+                self._take_back(digest, target, known, report)
+        records = [r for r in volumes.journal.all() if r.spec.kata != "off"]
+        if records and not entries:  # a new or wrong root (the chart makes it if missing)
+            report.failures.append(
+                f"the Kata direct-volume root {root} is empty while {len(records)} volumes are "
+                "handed to Kata VMs: nothing was torn down; check --kata-direct-volume-root"
+            )
+            return
+        for record in records:
             self._drop_lost_hand_offs(record, handed, report)
+
+    def _take_back(self, digest: str, target: str, known: set[str],
+                   report: ReconcileReport) -> None:  # fmt: skip
+        """A hand-off of ours no record names: taken back with its guard and its (now empty)
+        target directory, unless a VM still holds the disk (then it and the disk stay)."""
+        volumes = self.volumes
+        names = Names.of_digest(digest, volumes.config.data_dir, volumes.config.state_dir)
+        try:
+            volumes.take_back_hand_off(names, target)
+            root = volumes.config.kubelet_root.rstrip("/") + "/"
+            if target.startswith(root) and self.host.is_dir(target) and \
+                    not self.host.is_mountpoint(target):
+                self.host.remove_dir(target)
+            report.count("handoff_without_record", self.events)
+        except Busy as exc:
+            known.add(digest)  # and its backing file and mapping are left alone too
+            report.failures.append(str(exc))
 
     def _drop_lost_hand_offs(self, record: Record, handed: dict[str, set[str]],
                              report: ReconcileReport) -> None:  # fmt: skip
-        if record.spec.kata == "off" or record.provisioned or record.state != PUBLISHED:
+        if record.provisioned or record.state != PUBLISHED:
             return
         names = self.volumes.names(record.volume_id)
         if record.target_path in handed.get(names.digest, set()):

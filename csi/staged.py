@@ -269,6 +269,8 @@ class StagedVolumes:
 
     def _unbind(self, record: Record, target: str) -> None:
         names = self.core.names(record.volume_id)
+        if record.spec.kata != "off":  # the pod's VM must have let go of the disk first
+            self.core.backing_of(record.spec).check_releasable(names)
         exposure = self._exposure(record, record.targets.get(target, []))
         exposure.unexpose(names, target)
         exposure.remove(target)
@@ -282,8 +284,10 @@ class StagedVolumes:
             if record is None or target not in record.targets:
                 # nothing recorded there: release only a bind of ours (a filesystem, or the
                 # device node of a block volume), decided by device number
+                names = self.core.names(volume_id)
                 unknown = Unrecorded(self.host, self.core.shown_by_any)
-                if unknown.unexpose(self.core.names(volume_id), target):
+                handed = self.core.take_back_hand_off(names, target)
+                if unknown.unexpose(names, target) or handed:
                     unknown.remove(target)
                 return
             with self.core.timed_step("unmount"):

@@ -30,6 +30,7 @@ from csi.capacity import Capacity, Usage
 from csi.config import Config
 from csi.errors import (
     AlreadyExists,
+    Busy,
     DriverError,
     FailedPrecondition,
     InvalidArgument,
@@ -223,6 +224,28 @@ class Volumes:
                              readonly=readonly, group=spec.mount_group)  # fmt: skip
         return KataHandOff(self.host, self.kata, self.config.kata_direct_volume_root, volume)
 
+    def take_back_hand_off(self, names: Names, path: str) -> bool:
+        """A Kata hand-off at ``path`` that names a device of this volume, with no record to
+        say how it was made: take back its mountInfo.json and its guard, unless a VM still
+        holds the device (Busy). True if there was one."""
+        root = self.config.kata_direct_volume_root
+        found = self.kata.direct_volume_read(root, path) if path else None
+        if found is None or found.device not in (names.backing, names.mapper_device):
+            return False
+        if found.device == names.backing:
+            holders = self.kata.file_users(names.backing)
+        else:
+            holders = [str(use) for use in self.host.mapping_users(names.mapping)]
+        if holders:
+            raise Busy(
+                f"volume {names.volume_id} is handed to a Kata VM at {path} and its disk is "
+                f"still in use ({', '.join(holders)}); left alone"
+            )
+        self.kata.direct_volume_remove(root, path)
+        if self.kata.is_guarded(path):
+            self.host.umount(path)
+        return True
+
     def expose_primary(self, names: Names, record: Record) -> None:
         exposure = self.primary_exposure(record)
         path = self.primary_path(record)
@@ -238,6 +261,13 @@ class Volumes:
         refuses the whole teardown. A holder only the release itself finds (a container's bind
         of the path in its own mount namespace) makes us expose the primary path again, so a
         pod never gets a plain directory on the node's disk in place of its volume."""
+        if record is None:  # nothing says what it is: a VM may hold it, a hand-off name it
+            if holders := self.kata.file_users(names.backing):
+                raise Busy(
+                    f"volume {names.volume_id} has no record but its backing file is open "
+                    f"({', '.join(holders)}): a Kata VM may still use it; nothing was changed"
+                )
+            self.take_back_hand_off(names, primary)
         chosen = self._backings_for(names, record)
         for backing in chosen:
             backing.before_release(names)

@@ -149,6 +149,9 @@ class Luks:
             raise Busy(f"{orphan.label}: no record but its mapping is in use "
                        f"({', '.join(map(str, uses))}); left alone")  # fmt: skip
         names = volume_names(orphan.digest, self.context.data_dir, self.context.state_dir)
+        if holders := self.host.file_users(names.backing):  # a Kata VM's disk, say
+            raise Busy(f"{orphan.label}: no record but the file is open ({', '.join(holders)}); "
+                       "left alone")  # fmt: skip
         self.host.crypt_close(mapping)
         for backing in backings:
             backing.detach(names)

@@ -166,9 +166,63 @@ def test_start_up_leaves_hand_offs_of_others_alone(h: Harness) -> None:
 def test_a_record_whose_hand_off_was_removed_is_torn_down_at_start_up(h: Harness) -> None:
     h.publish(attributes=GUEST)
     h.host.direct_volumes.clear()  # someone removed it: no VM can get the disk any more
+    other = DirectVolume("directvol", "/dev/sdz", "ext4", {}, [])  # the root is in use
+    h.host.direct_volumes[(root(h), "/var/lib/kubelet/pods/x/volumes/y")] = other
     h.restart()
     assert h.last_report is not None and h.last_report.rolled_back == [h.volume_id()]
-    assert leftovers(h) == []
+    assert h.leftovers() == [] and list(h.host.direct_volumes) == [
+        (root(h), "/var/lib/kubelet/pods/x/volumes/y")]  # fmt: skip
+
+
+def test_an_empty_root_with_handed_off_records_tears_nothing_down(h: Harness) -> None:
+    """A new or wrong --kata-direct-volume-root (the chart creates it if missing) must not
+    cost every published kata volume its data."""
+    h.publish(attributes=GUEST)
+    h.host.direct_volumes.clear()
+    h.restart()
+    assert h.last_report is not None and h.last_report.rolled_back == []
+    assert any("is empty" in f for f in h.last_report.failures)
+    assert h.record(h.volume_id()) is not None
+
+
+def test_start_up_leaves_a_hand_off_whose_vm_still_holds_the_disk(h: Harness) -> None:
+    h.publish(attributes=GUEST)
+    names, target = h.names(), h.target()
+    h.host.file_holders[names.backing] = ["pid 9 (qemu)"]
+    h.lose_tmpfs()
+    h.restart()
+    assert h.last_report is not None
+    assert any("still in use" in f for f in h.last_report.failures)
+    assert h.host.is_guarded(target) and names.backing in h.host.files
+    assert h.host.direct_volume_read(root(h), target) is not None
+    h.host.file_holders.clear()
+    h.restart()  # the VM is gone: now it is all taken back, the target dir too
+    assert h.host.direct_volumes == {} and h.leftovers() == []
+    assert not h.host.exists(target)
+
+
+def test_unpublish_with_no_record_takes_back_the_hand_off(h: Harness) -> None:
+    h.publish(attributes=GUEST)
+    h.stop()
+    h.lose_tmpfs()
+    h.host.dirs.add(h.config.kubelet_root)
+    h.start()
+    h.unpublish()
+    assert h.host.direct_volumes == {} and h.leftovers() == []
+
+
+def test_a_pvc_pod_whose_vm_still_holds_the_disk_cannot_unpublish(h: Harness) -> None:
+    pv = h.provision(parameters={"kata": "guest"})
+    h.k.stage(pv)
+    target = h.k.publish_pvc(pv, "pod-1")
+    names = Names.of(pv.volume_id, h.config.data_dir, h.config.state_dir)
+    h.host.file_holders[names.backing] = ["pid 5 (qemu)"]
+    fails(lambda: h.k.unpublish_pvc(pv, "pod-1"), grpc.StatusCode.FAILED_PRECONDITION)
+    assert h.host.is_guarded(target)
+    fails(lambda: h.k.publish_pvc(pv, "pod-2"), grpc.StatusCode.FAILED_PRECONDITION)
+    h.host.file_holders.clear()
+    h.k.unpublish_pvc(pv, "pod-1")
+    h.k.publish_pvc(pv, "pod-2")
 
 
 def test_no_direct_volume_root_means_start_up_looks_at_nothing(h: Harness) -> None:
