@@ -26,6 +26,10 @@ integrity    publish of integrity=hmac-sha256 filesystem volumes of 256 MiB and 
              driver's time per step for each publish. dm-integrity's format-time wipe writes
              the whole device (8x the work for 2 GiB); filesystems skip it and write their
              metadata instead, so the goal is a 2 GiB publish within 2x of a 256 MiB one.
+fscrypt      publish and unpublish of backing=fscrypt volumes (--size), interleaved round-robin
+             with a floor the bench runs itself (mkdir + mount --bind + remount nosuid,nodev of
+             a plain directory, and back) and with the driver's loop-LUKS publish of the same
+             size (bench/fscrypt.py).
 
 ``--only PHASE[,PHASE]`` runs just those phases and merges their sections into the existing
 results file (the other sections, measured by an earlier run, are kept as they were).
@@ -59,6 +63,7 @@ from bench.environment import (
 )
 from bench.flows import Flow, Ours
 from bench.footprint import footprint_phase
+from bench.fscrypt import fscrypt_phase
 from bench.integrity import integrity_phase
 from bench.phases import concurrency_phase, latency_phase, memory_phase
 from bench.processes import BenchDriver, DataFs, Qsd, sweep
@@ -219,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
             for baseline in baselines[1:]:  # handrun and conventional
                 dp[baseline.name] = baseline.datapath
             results["mkfs_default"] = mkfs_default_meaning()
+        if "fscrypt" in args.phases:
+            results["fscrypt"] = fscrypt_phase(
+                driver, baseline_root / "bind", args.size, args.cycles, args.warmup
+            )
         if "concurrency" in args.phases:
             results["concurrency"] = concurrency_phase(
                 driver, args.concurrency, args.size, args.concurrency_repeats

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from csi.steps import PUBLISH_STEPS, TEARDOWN_STEPS
+from csi.steps import DIRECTORY_STEPS, PUBLISH_STEPS, RESERVE, TEARDOWN_STEPS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,16 @@ GOAL_TITLES = {
     "alloc_10g_mib": "allocated on disk right after publishing 10 GiB (loop)",
     "rss_50_volumes_mib": "driver RSS with 50 volumes published",
     "integrity_2g_vs_256m": "integrity (hmac-sha256) publish p50, 2 GiB / 256 MiB",
+    "fscrypt_publish_vs_bind_p50": "fscrypt publish p50 / mkdir + bind + remount",
+    "luks_vs_fscrypt_publish_p50": "loop-LUKS publish p50 / fscrypt publish p50",
 }
+FSCRYPT_TITLES = {
+    "fscrypt": "**backing=fscrypt** (driver via its socket)",
+    "bind_floor": "floor: mkdir + bind + remount nosuid,nodev (no key, no quota)",
+    "luks": "backing=loop, LUKS2 (driver via its socket)",
+}
+# the fscrypt phase's step table: fscrypt's own steps first, then the LUKS ones, then teardown
+FSCRYPT_STEPS = tuple(dict.fromkeys((RESERVE, *DIRECTORY_STEPS, *PUBLISH_STEPS, *TEARDOWN_STEPS)))
 INTEGRITY_TITLES = {
     "integrity_small": "integrity=hmac-sha256",
     "integrity_large": "integrity=hmac-sha256",
@@ -212,6 +221,7 @@ def render(results: dict[str, Any]) -> str:
             ]
 
     out += integrity_section(results)
+    out += fscrypt_section(results)
 
     mem = results.get("memory")
     if mem or results.get("rss_idle_mib") is not None:
@@ -321,6 +331,72 @@ def integrity_section(results: dict[str, Any]) -> list[str]:
         "each publish's own `luks_ephemeral_step_seconds`.",
         "",
     ]
+    return out
+
+
+def fscrypt_section(results: dict[str, Any]) -> list[str]:
+    fs = results.get("fscrypt")
+    if not fs:
+        return []
+    s = results["summary"]
+    out = [
+        f"### fscrypt: publish against a bare bind and against LUKS ({fs.get('size')} volumes, "
+        f"{fs.get('cycles')} cycles per flow, interleaved)",
+        "",
+    ]
+    if fs.get("unavailable"):
+        return [*out, f"Not measured: the driver refused the volume ({fs['unavailable']}).", ""]
+    rows = []
+    for name, flow in fs.get("flows", {}).items():
+        st = flow.get("stats", {})
+        rows.append(
+            [
+                FSCRYPT_TITLES.get(name, name),
+                fmt(st.get("publish_p50_s"), 3),
+                fmt(st.get("publish_p95_s"), 3),
+                fmt(st.get("unpublish_p50_s"), 3),
+                fmt(st.get("unpublish_p95_s"), 3),
+                str(len(flow.get("errors", []))),
+            ]
+        )
+    out += table(
+        ["flow", "publish p50 s", "publish p95 s", "unpublish p50 s", "unpublish p95 s",
+         "errors"],
+        rows,
+    )  # fmt: skip
+    out += [
+        f"fscrypt / floor, publish p50: **{fmt(s.get('fscrypt_publish_vs_bind_p50'), 2, 'x')}** "
+        f"(goal <= 1.5x); loop-LUKS / fscrypt: "
+        f"**{fmt(s.get('luks_vs_fscrypt_publish_p50'), 2, 'x')}** (goal >= 20x); unpublish: "
+        f"fscrypt / floor {fmt(fs.get('fscrypt_vs_bind_unpublish_p50'), 2, 'x')}, loop-LUKS / "
+        f"fscrypt {fmt(fs.get('luks_vs_fscrypt_unpublish_p50'), 2, 'x')}.",
+        "",
+    ]
+    flows = fs.get("flows", {})
+    means = {n: flows.get(n, {}).get("step_means_s", {}) for n in ("fscrypt", "luks")}
+    steps = [step for step in FSCRYPT_STEPS
+             if any(step in m for m in means.values())]  # fmt: skip
+    if steps:
+        rows = [
+            [f"{'unpublish' if step in TEARDOWN_STEPS else 'publish'}: {step}",
+             *[fmt(means[n].get(step), 4) for n in means]]
+            for step in steps
+        ]  # fmt: skip
+        out += [
+            "Mean seconds per step (each cycle's own `luks_ephemeral_step_seconds`):",
+            "",
+            *table(["step", "fscrypt", "luks"], rows),
+        ]
+    pool = fs.get("pool") or {}
+    if pool.get("own_pool"):
+        apparent = (pool.get("pool_apparent_bytes") or 0) / 2**30
+        allocated = (pool.get("pool_allocated_bytes") or 0) / 2**20
+        out += [
+            f"The volumes lived in the driver's own pool ({fmt(apparent, 1)} "
+            f"GiB sparse ext4 image, {fmt(allocated, 1)} MiB "
+            "allocated), made by the first fscrypt publish, which ran before the recorded rounds.",
+            "",
+        ]
     return out
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.common import ratio, say
 
-PHASES = ("latency", "concurrency", "footprint", "memory", "integrity")
+PHASES = ("latency", "concurrency", "footprint", "memory", "integrity", "fscrypt")
 # Top-level results keys each phase writes (for --only, which merges them into an old file).
 PHASE_KEYS = {
     "latency": ("latency", "handrun_script", "datapath_baselines", "mkfs_default"),
@@ -25,6 +25,8 @@ GOAL_SPEEDUP_MIN = 1.5
 GOAL_ALLOC_MAX_MIB = 16.0
 GOAL_RSS_MAX_MIB = 80.0
 GOAL_INTEGRITY_MAX = 2.0  # integrity publish p50: 2 GiB / 256 MiB
+GOAL_FSCRYPT_BIND_MAX = 1.5  # fscrypt publish p50 / mkdir + bind + remount
+GOAL_LUKS_FSCRYPT_MIN = 20.0  # loop-LUKS publish p50 / fscrypt publish p50
 
 
 def goal(value: float | None, target: float, at_most: bool, unit: str) -> dict[str, Any]:
@@ -51,6 +53,12 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         v = integ_flows.get(flow, {}).get("stats", {}).get("publish_p50_s")
         return float(v) if v is not None else None
 
+    fs = results.get("fscrypt", {})
+
+    def fs_p50(flow: str, what: str = "publish") -> float | None:
+        v = fs.get("flows", {}).get(flow, {}).get("stats", {}).get(f"{what}_p50_s")
+        return float(v) if v is not None else None
+
     summary: dict[str, Any] = {
         "publish_vs_handrun_p50": ratio(p50("ours"), p50("handrun")),
         "conventional_vs_ours_p50": ratio(p50("conventional"), p50("ours")),
@@ -72,6 +80,13 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "integrity_publish_2g_p50_s": integ_p50("integrity_large"),
         "plain_publish_256m_p50_s": integ_p50("plain_small"),
         "integrity_256m_vs_plain_256m": integ.get("integrity_vs_plain_small_p50"),
+        # backing=fscrypt, its bind floor and loop-LUKS, interleaved in one phase
+        "fscrypt_publish_vs_bind_p50": fs.get("fscrypt_vs_bind_p50"),
+        "luks_vs_fscrypt_publish_p50": fs.get("luks_vs_fscrypt_p50"),
+        "fscrypt_publish_p50_s": fs_p50("fscrypt"),
+        "fscrypt_unpublish_p50_s": fs_p50("fscrypt", "unpublish"),
+        "bind_floor_publish_p50_s": fs_p50("bind_floor"),
+        "luks_publish_p50_s": fs_p50("luks"),
         "kernel": env["kernel"],
         "emulated": env["emulated"],
         "date": results["date"],
@@ -91,11 +106,20 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "integrity_2g_vs_256m": goal(
             summary["integrity_2g_vs_256m"], GOAL_INTEGRITY_MAX, True, "x"
         ),
+        "fscrypt_publish_vs_bind_p50": goal(
+            summary["fscrypt_publish_vs_bind_p50"], GOAL_FSCRYPT_BIND_MAX, True, "x"
+        ),
+        "luks_vs_fscrypt_publish_p50": goal(
+            summary["luks_vs_fscrypt_publish_p50"], GOAL_LUKS_FSCRYPT_MIN, False, "x"
+        ),
     }
     if conc and conc.get("errors"):
         summary["goals"]["concurrency_speedup_16"]["met"] = False  # zero errors is part of it
     if integ and integ.get("errors"):
         summary["goals"]["integrity_2g_vs_256m"]["met"] = False  # every publish must work
+    if fs and (fs.get("errors") or fs.get("unavailable")):
+        for key in ("fscrypt_publish_vs_bind_p50", "luks_vs_fscrypt_publish_p50"):
+            summary["goals"][key]["met"] = False  # every cycle of every flow must work
     return summary
 
 
@@ -167,6 +191,18 @@ def notes(results: dict[str, Any]) -> list[str]:
             + (f", measured {when}" if when and when != results.get("date") else "")
             + "; the step times are each publish's own."
         )
+    fs = results.get("fscrypt")
+    if fs:
+        if fs.get("unavailable"):
+            out.append(f"fscrypt: not measured, the driver refused the volume: {fs['unavailable']}")
+        else:
+            out.append(
+                "fscrypt: backing=fscrypt, the bench's own bind floor (mkdir, `mount --bind`, "
+                "`mount -o remount,bind,rw,nosuid,nodev`; back: umount, rmdir) and the "
+                f"driver's loop-LUKS volume, {fs.get('size')} each, {fs.get('cycles')} cycles "
+                "per flow, interleaved; one fscrypt cycle ran first on its own (it makes and "
+                "mounts the driver's pool when needed). Step times are each publish's own."
+            )
     foot = results.get("footprint")
     if foot:
         q = foot.get("qcow2")
