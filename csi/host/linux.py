@@ -25,7 +25,7 @@ from csi.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from csi.host import DirectVolume, FsStats, KeyRemoval, LuksFormat, MappingUse, Quota
+from csi.host import DirectVolume, FsStats, KeyRemoval, LuksFormat, MappingUse, Quota, mountcalls
 from csi.host import commands as cmd
 from csi.host.commands import EXT4_GROUP_BYTES as EXT4_GROUP_BYTES  # re-export (tests)
 from csi.host.commands import FORMAT_TIMEOUT, GROW_TIMEOUT
@@ -450,15 +450,24 @@ class LinuxHost:
         self.runner(cmd.mount(source, target, fs_type, options))
 
     def bind_mount(self, source: str, target: str, options: list[str]) -> None:
-        """Bind ``source`` (a staged directory or a device node) onto ``target``, then remount
-        the bind with the per-mount flags: a plain ``--bind`` ignores ro/nosuid/nodev."""
-        self.runner(cmd.bind_mount(source, target))
+        """Bind ``source`` (a staged directory, or a device node onto a file) onto ``target``,
+        then remount the bind with the per-mount flags: a plain bind takes none of ro/nosuid/
+        nodev. Both are mount(2) calls (``csi.host.mountcalls``), not mount(8): two process
+        spawns were nearly all of a directory publish. A failed remount takes the bare bind
+        away again: never leave a bind without its nosuid/nodev/ro."""
         try:
-            self.runner(cmd.bind_remount(target, options))
-        except Internal:
-            with contextlib.suppress(Internal):
-                self.runner(cmd.umount(target))  # never leave a bind without its nosuid/nodev/ro
-            raise
+            mountcalls.bind(source, target)
+        except OSError as exc:
+            raise typed_os_error(exc, f"bind {source} onto {target}") from None
+        try:
+            mountcalls.remount_bind(target, options)
+        except OSError as exc:
+            try:
+                mountcalls.unmount(target)
+            except OSError as undo:
+                log.error("the bare bind at %s stays: unmounting it failed: %s", target,
+                          undo.strerror)  # fmt: skip
+            raise typed_os_error(exc, f"remount of the bind at {target} with {options}") from None
 
     def is_mountpoint(self, path: str) -> bool:
         return any(point == path for point, _, _ in self._mountinfo())
@@ -568,17 +577,21 @@ class LinuxHost:
                 raise
 
     def umount(self, target: str) -> None:
+        """umount2(2) (``csi.host.mountcalls``), not umount(8): no process spawn on unpublish.
+        Busy (EBUSY) leaves the volume mounted: kubelet retries. Any other failure where
+        mountinfo shows nothing at ``target`` (EINVAL: not a mount point, ENOENT) is success:
+        it is unmounted already, so a repeated unpublish is harmless."""
         try:
-            self.runner(cmd.umount(target))
-        except CommandFailed as exc:
-            if "busy" in exc.stderr.lower():
+            mountcalls.unmount(target)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
                 raise Busy(
                     f"target {target} is busy: a process still holds files on it; "
                     "the volume stays mounted with its data intact, retry later"
                 ) from None
             if self.mount_source(target) is None:
                 return
-            raise
+            raise typed_os_error(exc, f"umount {target}") from None
 
     def mount_source(self, target: str) -> str | None:
         found = None

@@ -10,17 +10,18 @@ stdin, and that every command line is the one ``csi.host.commands`` builds.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from csi.errors import Busy, FailedPrecondition, Internal, InvalidArgument
-from csi.host import LuksFormat, MappingUse
+from csi.host import LuksFormat, MappingUse, mountcalls
 from csi.host import commands as cmd
 from csi.host import linux as linux_host
 from csi.host.linux import LinuxHost, read_mountinfo, read_mounts
@@ -520,26 +521,67 @@ def test_a_temporary_mapping_that_went_meanwhile_is_removed(
 
 
 # --- filesystems and mounts -------------------------------------------------------------------
-def test_umount_of_a_busy_target_is_busy(host: LinuxHost, runner: ScriptedRunner) -> None:
-    runner.on("umount", exit=32, stderr=f"umount: {STAGING}: target is busy.")
-    with pytest.raises(Busy, match="a process still holds files on it"):
+@dataclass
+class MountCalls:
+    """Stands in for ``csi.host.mountcalls``: records each call; ``fail`` maps a call's name to
+    the errno it raises (once)."""
+
+    calls: list[tuple[str, ...]] = field(default_factory=list)
+    fail: dict[str, int] = field(default_factory=dict)
+    current: int = 0  # the per-mount flags statvfs would report for the fresh bind
+
+    def _call(self, name: str, *args: str) -> None:
+        self.calls.append((name, *args))
+        if (code := self.fail.pop(name, None)) is not None:
+            raise OSError(code, os.strerror(code), args[-1])
+
+    def bind(self, source: str, target: str) -> None:
+        self._call("bind", source, target)
+
+    def remount_bind(self, target: str, options: Iterable[str]) -> None:
+        flags = mountcalls.remount_flags(self.current, options)
+        self._call("remount_bind", target, hex(flags))
+
+    def unmount(self, target: str) -> None:
+        self._call("unmount", target)
+
+
+@pytest.fixture
+def calls(monkeypatch: pytest.MonkeyPatch) -> MountCalls:
+    fake = MountCalls()
+    for name in ("bind", "remount_bind", "unmount"):
+        monkeypatch.setattr(mountcalls, name, getattr(fake, name))
+    return fake
+
+
+def test_umount_of_a_busy_target_is_busy(
+    host: LinuxHost, runner: ScriptedRunner, calls: MountCalls
+) -> None:
+    calls.fail["unmount"] = errno.EBUSY
+    with pytest.raises(Busy, match=f"target {STAGING} is busy.*retry later"):
         host.umount(STAGING)
+    assert calls.calls == [("unmount", STAGING)]
+    assert runner.argvs == []  # no umount(8)
 
 
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOENT])
 def test_umount_of_a_target_that_is_not_mounted_succeeds(
-    host: LinuxHost, runner: ScriptedRunner
+    host: LinuxHost, calls: MountCalls, code: int
 ) -> None:
-    runner.on("umount", exit=32, stderr="umount: /var/lib/kubelet/x: not mounted.")
+    """As with umount(8): whatever the failure, nothing at the target in mountinfo is done."""
+    calls.fail["unmount"] = code
     host.umount("/var/lib/kubelet/x")
-    assert runner.argvs == [["umount", "/var/lib/kubelet/x"]]
+    assert calls.calls == [("unmount", "/var/lib/kubelet/x")]
 
 
+@pytest.mark.parametrize(("code", "error"), [(errno.EPERM, FailedPrecondition),
+                                             (errno.EINVAL, Internal)])  # fmt: skip
 def test_umount_failing_while_still_mounted_is_raised(
-    host: LinuxHost, runner: ScriptedRunner
+    host: LinuxHost, calls: MountCalls, code: int, error: type[Exception]
 ) -> None:
-    runner.on("umount", exit=32, stderr="umount: /srv/over: must be superuser to unmount.")
-    with pytest.raises(CommandFailed, match="must be superuser"):
-        host.umount("/srv/over")
+    calls.fail["unmount"] = code
+    with pytest.raises(error, match="umount /srv/over: "):
+        host.umount("/srv/over")  # in the fixture mountinfo
 
 
 def test_ext4_mounts_add_noinit_itable(host: LinuxHost, runner: ScriptedRunner) -> None:
@@ -552,30 +594,59 @@ def test_ext4_mounts_add_noinit_itable(host: LinuxHost, runner: ScriptedRunner) 
 
 
 def test_bind_mount_remounts_with_the_per_mount_flags_only(
-    host: LinuxHost, runner: ScriptedRunner
+    host: LinuxHost, runner: ScriptedRunner, calls: MountCalls
 ) -> None:
     host.bind_mount(STAGING, POD1, ["ro", "nosuid", "commit=30", "nodev"])
-    assert runner.argvs == [
-        ["mount", "--bind", STAGING, POD1],
-        ["mount", "-o", "remount,bind,ro,nosuid,nodev", POD1],
-    ]
+    flags = mountcalls.MS_BIND | mountcalls.MS_REMOUNT | mountcalls.MS_RDONLY
+    flags |= mountcalls.MS_NOSUID | mountcalls.MS_NODEV
+    assert calls.calls == [("bind", STAGING, POD1), ("remount_bind", POD1, hex(flags))]
+    assert runner.argvs == []  # no mount(8)
+
+
+def test_the_remount_keeps_the_binds_inherited_flags_as_mount8_does(
+    host: LinuxHost, calls: MountCalls
+) -> None:
+    """A bind has its source's per-mount flags; ``mount -o remount,bind,rw,nosuid`` keeps
+    noexec and the atime flags and clears only ro (util-linux 2.38, seen with strace)."""
+    m = mountcalls
+    calls.current = m.MS_RDONLY | m.MS_NOEXEC | m.MS_NODEV | m.MS_RELATIME
+    host.bind_mount(STAGING, POD1, ["rw", "nosuid"])
+    kept = m.MS_NOEXEC | m.MS_NODEV | m.MS_RELATIME | m.MS_NOSUID
+    assert calls.calls[-1] == ("remount_bind", POD1, hex(kept | m.MS_BIND | m.MS_REMOUNT))
+
+
+def test_remount_flags_map_every_per_mount_option_and_ignore_the_rest() -> None:
+    m = mountcalls
+    base = m.MS_BIND | m.MS_REMOUNT
+    each = {"ro": m.MS_RDONLY, "rw": 0, "nosuid": m.MS_NOSUID, "nodev": m.MS_NODEV,
+            "noexec": m.MS_NOEXEC, "noatime": m.MS_NOATIME, "nodiratime": m.MS_NODIRATIME,
+            "relatime": m.MS_RELATIME, "strictatime": m.MS_STRICTATIME}  # fmt: skip
+    assert set(each) == cmd.BIND_FLAGS
+    for option, flag in each.items():
+        assert m.remount_flags(0, [option]) == base | flag
+    assert m.remount_flags(0, ["commit=30", "discard", "x=1"]) == base
+    assert m.remount_flags(0, ["ro", "rw"]) == base  # in order, as mount(8): the last wins
+    assert m.remount_flags(m.MS_RDONLY, ["rw"]) == base
+    statvfs = os.ST_RDONLY | os.ST_NOSUID | os.ST_RELATIME | os.ST_SYNCHRONOUS
+    assert m.current_flags(statvfs) == m.MS_RDONLY | m.MS_NOSUID | m.MS_RELATIME
 
 
 def test_a_failed_remount_takes_the_bare_bind_away_again(
-    host: LinuxHost, runner: ScriptedRunner
+    host: LinuxHost, calls: MountCalls
 ) -> None:
-    runner.on("mount", "-o", exit=32, stderr="mount: permission denied")
-    runner.on("umount", exit=32, stderr="umount: not mounted")  # its failure is not the story
-    with pytest.raises(CommandFailed, match="permission denied"):
+    calls.fail["remount_bind"] = errno.EPERM
+    calls.fail["unmount"] = errno.EINVAL  # its failure is not the story
+    with pytest.raises(FailedPrecondition, match=f"remount of the bind at {POD1}"):
         host.bind_mount(STAGING, POD1, ["ro"])
-    assert runner.argvs[-1] == ["umount", POD1]
+    assert [c[0] for c in calls.calls] == ["bind", "remount_bind", "unmount"]
+    assert calls.calls[-1] == ("unmount", POD1)
 
 
-def test_a_failed_bind_runs_no_remount(host: LinuxHost, runner: ScriptedRunner) -> None:
-    runner.on("mount", "--bind", exit=32, stderr="mount point does not exist")
-    with pytest.raises(CommandFailed):
+def test_a_failed_bind_runs_no_remount(host: LinuxHost, calls: MountCalls) -> None:
+    calls.fail["bind"] = errno.ENOENT
+    with pytest.raises(Internal, match=f"bind {STAGING} onto {POD1}: No such file"):
         host.bind_mount(STAGING, POD1, [])
-    assert runner.argvs == [["mount", "--bind", STAGING, POD1]]
+    assert calls.calls == [("bind", STAGING, POD1)]
 
 
 def test_fs_grow_picks_the_tool_and_what_it_takes(host: LinuxHost, runner: ScriptedRunner) -> None:
@@ -633,7 +704,8 @@ def test_every_command_line_is_the_one_the_builders_make(
     host: LinuxHost, runner: ScriptedRunner, key: VolumeKey
 ) -> None:
     """LinuxHost must not grow a second copy of any command line (the benchmark runs the
-    builders' output and must measure what the driver runs)."""
+    builders' output and must measure what the driver runs). bind_mount and umount run no
+    command: they are syscalls (csi.host.mountcalls)."""
     integrity = LuksFormat("aes-xts-plain64", 512, "hmac-sha256", "/run/h", wipe=False)
     runner.on("losetup", "--find", stdout="/dev/loop5")
     runner.on("losetup", "--find", exit=1, stderr="direct io")
@@ -665,9 +737,6 @@ def test_every_command_line_is_the_one_the_builders_make(
     step(lambda: host.mkfs("/dev/mapper/n", "xfs"), cmd.mkfs("/dev/mapper/n", "xfs", eager=False))
     step(lambda: host.mount("/dev/mapper/n", "/t", "ext4", ["rw"]),
          cmd.mount("/dev/mapper/n", "/t", "ext4", ["rw"]))  # fmt: skip
-    step(lambda: host.bind_mount("/t", "/p", ["ro", "x=1"]),
-         cmd.bind_mount("/t", "/p"), cmd.bind_remount("/p", ["ro", "x=1"]))  # fmt: skip
-    step(lambda: host.umount("/p"), cmd.umount("/p"))
     step(lambda: host.fs_grow("/dev/mapper/n", "/t", "xfs"),
          cmd.fs_grow("/dev/mapper/n", "/t", "xfs"))  # fmt: skip
     assert runner.argvs == expected
