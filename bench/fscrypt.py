@@ -7,6 +7,8 @@ bind_floor  run by the bench itself: ``mkdir`` of a plain directory, then the dr
             commands for a writable volume (``mount --bind``, ``mount -o
             remount,bind,rw,nosuid,nodev``, from csi.host.commands) onto a fresh mount point;
             back: ``umount``, ``rmdir`` of both;
+bind_floor_syscalls  the same, with the mount(2)/umount2(2) calls the driver itself makes
+            (csi.host.mountcalls) instead of mount(8)/umount(8): the floor without a process;
 luks        the driver via its socket, a default (loop, LUKS2) inline volume of the same size.
 
 The three are interleaved round-robin (bench.flows.round_robin, the order rotated by one flow
@@ -41,7 +43,7 @@ from bench.flows import (
     step_means,
 )
 from bench.processes import BenchDriver
-from csi.host import commands
+from csi.host import commands, mountcalls
 
 BACKING = "fscrypt"
 POOL_DIR = "fscrypt"  # the driver's: <data dir>/fscrypt/<digest> (csi.backings.fscrypt)
@@ -95,6 +97,28 @@ class BindFloor(Flow[BindDir]):
         for path in (ctx.target, ctx.source):
             with contextlib.suppress(OSError):
                 os.rmdir(path)
+
+
+class BindFloorSyscalls(BindFloor):
+    """The floor with the driver's own syscalls: what a directory volume costs without any
+    process, key, policy, quota, journal or gRPC."""
+
+    name = "bind_floor_syscalls"
+
+    def up(self, ctx: BindDir, timer: Timer) -> None:
+        with timer.step("make_dir"):
+            os.mkdir(ctx.source, 0o700)
+        with timer.step("mount"):
+            os.mkdir(ctx.target, 0o750)
+            mountcalls.bind(ctx.source, ctx.target)
+            mountcalls.remount_bind(ctx.target, DRIVER_MOUNT_OPTIONS)
+
+    def down(self, ctx: BindDir, timer: Timer) -> None:
+        with timer.step("unmount"):
+            mountcalls.unmount(ctx.target)
+            os.rmdir(ctx.target)
+        with timer.step("delete"):
+            os.rmdir(ctx.source)
 
 
 def floor_script() -> list[list[str]]:
@@ -177,6 +201,7 @@ def fscrypt_phase(
     flows: list[Flow[Any]] = [
         fscrypt,
         BindFloor(root),
+        BindFloorSyscalls(root),
         OursBothWays(driver, size, "luks"),
     ]
     samples, errors = round_robin("fscrypt", flows, cycles, warmup)
@@ -196,6 +221,7 @@ def fscrypt_phase(
 
     result["fscrypt_vs_bind_p50"] = ratio(p50("fscrypt"), p50("bind_floor"))
     result["luks_vs_fscrypt_p50"] = ratio(p50("luks"), p50("fscrypt"))
+    result["fscrypt_vs_bind_syscalls_p50"] = ratio(p50("fscrypt"), p50("bind_floor_syscalls"))
     result["fscrypt_vs_bind_unpublish_p50"] = ratio(
         p50("fscrypt", "unpublish"), p50("bind_floor", "unpublish")
     )
