@@ -6,7 +6,8 @@ to 1024 bytes onto the C stack and never clears it, so a key passed through it w
 memory. The key goes into the kernel from one page of our own (mmap, locked where the kernel
 allows it, left out of core dumps) through libc's ``ioctl`` called with ctypes, and that page is
 zeroed with ``memset`` right after the call, whether it succeeded or not. Every other ioctl here
-carries nothing secret (identifiers, policies, flags) and may use ``fcntl.ioctl``.
+carries nothing secret (identifiers, policies, flags), yet goes through the same ctypes path
+(``buffer_ioctl``), so no ioctl here ever uses ``fcntl.ioctl``.
 
 Numbers (linux/fscrypt.h, linux/fs.h, linux/quota.h, linux/dqblk_xfs.h) were checked against the
 kernel on an ext4 image: see tests/unit/test_fscrypt_host.py and tests/host/.
@@ -18,7 +19,6 @@ import contextlib
 import ctypes
 import dataclasses
 import errno
-import fcntl
 import functools
 import logging
 import mmap
@@ -199,6 +199,16 @@ def libc_ioctl(fd: int, request: int, address: int) -> int:
     return int(_libc().ioctl(fd, request, address))
 
 
+def buffer_ioctl(fd: int, request: int, buf: bytearray) -> None:
+    """An ioctl on ``buf`` in place through libc (never ``fcntl.ioctl``, which copies the
+    buffer onto the C stack and leaves it there); OSError with the errno on failure."""
+    anchor = ctypes.c_char.from_buffer(buf)
+    try:
+        _check(libc_ioctl(fd, request, ctypes.addressof(anchor)), f"ioctl {request:#x}")
+    finally:
+        del anchor  # release the export of the bytearray
+
+
 def _check(result: int, what: str) -> None:
     if result < 0:
         err = ctypes.get_errno()
@@ -324,7 +334,7 @@ class FscryptHost:
                 raise FailedPrecondition(f"{path} is already encrypted under another policy")
             buf = bytearray(bytes(wanted))
             try:
-                fcntl.ioctl(fd, FS_IOC_SET_ENCRYPTION_POLICY, buf, True)
+                buffer_ioctl(fd, FS_IOC_SET_ENCRYPTION_POLICY, buf)
             except OSError as exc:
                 if exc.errno == errno.ENOKEY:
                     raise FailedPrecondition(
@@ -342,7 +352,7 @@ class FscryptHost:
         arg = GetPolicyExArg(policy_size=ctypes.sizeof(PolicyUnion))
         buf = bytearray(bytes(arg))
         try:
-            fcntl.ioctl(fd, FS_IOC_GET_ENCRYPTION_POLICY_EX, buf, True)
+            buffer_ioctl(fd, FS_IOC_GET_ENCRYPTION_POLICY_EX, buf)
         except OSError as exc:
             if exc.errno == errno.ENODATA:
                 return None
@@ -368,7 +378,7 @@ class FscryptHost:
         arg = KeyStatusArg(key_spec=_spec(identifier))
         buf = bytearray(bytes(arg))
         with _opened(root) as fd:
-            fcntl.ioctl(fd, FS_IOC_GET_ENCRYPTION_KEY_STATUS, buf, True)
+            buffer_ioctl(fd, FS_IOC_GET_ENCRYPTION_KEY_STATUS, buf)
         status = KeyStatusArg.from_buffer(buf).status
         if status not in KEY_STATUSES:
             raise Internal(f"the kernel reported an unknown key status {status}")
@@ -380,7 +390,7 @@ class FscryptHost:
         flags = 0
         with _opened(root) as fd:
             try:
-                fcntl.ioctl(fd, FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS, buf, True)
+                buffer_ioctl(fd, FS_IOC_REMOVE_ENCRYPTION_KEY_ALL_USERS, buf)
                 flags = RemoveKeyArg.from_buffer(buf).removal_status_flags
             except OSError as exc:
                 if exc.errno != errno.ENOKEY:  # ENOKEY: absent already, nothing to do
@@ -395,7 +405,7 @@ class FscryptHost:
     @staticmethod
     def _xattr(fd: int) -> FsXattr:
         buf = bytearray(ctypes.sizeof(FsXattr))
-        fcntl.ioctl(fd, FS_IOC_FSGETXATTR, buf, True)
+        buffer_ioctl(fd, FS_IOC_FSGETXATTR, buf)
         return FsXattr.from_buffer_copy(buf)
 
     def make_project_dir(self, path: str, project: int) -> None:
@@ -408,7 +418,7 @@ class FscryptHost:
             attr.projid = project
             attr.xflags |= FS_XFLAG_PROJINHERIT
             try:
-                fcntl.ioctl(fd, FS_IOC_FSSETXATTR, bytes(attr))
+                buffer_ioctl(fd, FS_IOC_FSSETXATTR, bytearray(bytes(attr)))
             except OSError as exc:
                 if exc.errno == errno.EOPNOTSUPP:
                     raise FailedPrecondition(

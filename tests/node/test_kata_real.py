@@ -56,11 +56,9 @@ STEPS = {
     "host": (RESERVE, *PREPARE_STEPS, "mount", "record"),
 }
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("blkid") is None or shutil.which("dmsetup") is None,
-    reason="the Kata node tests read the kernel's view with blkid and dmsetup; install "
-    "util-linux and dmsetup",
-)
+NO_TOOLS = shutil.which("blkid") is None or shutil.which("dmsetup") is None
+WHY = "the Kata node tests read the kernel's view with blkid and dmsetup: install them"
+pytestmark = pytest.mark.skipif(NO_TOOLS, reason=WHY)
 
 
 class KataDriver(Driver):
