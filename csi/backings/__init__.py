@@ -33,8 +33,10 @@ What each method promises:
 * ``release(names)``: close (wiping the key from the kernel), detach and delete; polite: refuses
   with Busy, changing nothing, while anything holds the volume. True if a backing file existed
   (its data is now crypto-shredded).
-* ``wipe_key(names, spec)``: forced: the key leaves the kernel now, even while the volume is in
-  use (the node-wide emergency wipe); the mapping is suspended and no I/O reaches the data.
+* ``wipe_key(names, spec)`` / ``wipe_keys`` / ``wipe_unrecorded(known)``: forced: the key leaves
+  the kernel now, even while the volume is in use (the emergency shred); says what it achieved
+  (``Wiped``: wiped, no_key, incomplete, in_guest). LUKS: the table becomes an error target, I/O
+  fails with EIO; fscrypt: the key is removed for all users, files still open keep theirs.
 * ``orphans(known)``: its objects that no record accounts for (digests not in ``known``), each
   removable with ``remove_orphan``, which refuses (Busy) while the object is in use.
 """

@@ -8,7 +8,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from csi.errors import Busy, InvalidArgument
+from csi.errors import Busy, DriverError, InvalidArgument
 from csi.host import FsStats, NodeHost
 from csi.keys import KeySource
 
@@ -40,6 +40,21 @@ class Orphan:
     reason: str  # the metric label: loop_without_record, export_without_record, ...
     label: str  # what to call it in a message
     digest: str  # the volume digest its name carries
+
+
+# what a forced key wipe achieved for one volume (``Wiped.outcome``)
+WIPED = "wiped"  # its key was in this host's kernel and is gone now
+NO_KEY = "no_key"  # no key of it on this host (nothing open, or wiped before)
+INCOMPLETE = "incomplete"  # the key is removed but files still open keep per-file keys
+IN_GUEST = "in_guest"  # the key lives in a Kata guest's memory, out of the host's reach
+FAILED = "failed"  # the wipe raised; the key may still be there
+COMPLETE_OUTCOMES = (WIPED, NO_KEY, IN_GUEST)
+
+
+@dataclass(frozen=True)
+class Wiped:
+    outcome: str
+    detail: str
 
 
 class Backing(ABC):
@@ -162,7 +177,24 @@ class Backing(ABC):
         for a volume no record names, after the backing that held it released it."""
 
     @abstractmethod
-    def wipe_key(self, names: Names, spec: VolumeSpec) -> None: ...
+    def wipe_key(self, names: Names, spec: VolumeSpec) -> Wiped: ...
+
+    def wipe_keys(self, volumes: list[tuple[Names, VolumeSpec]]) -> dict[str, Wiped]:
+        """``wipe_key`` for many volumes, keyed by volume id; one failing never stops the
+        others (a backing may do them all in one go)."""
+        done = {}
+        for names, spec in volumes:
+            try:
+                done[names.volume_id] = self.wipe_key(names, spec)
+            except DriverError as exc:
+                done[names.volume_id] = Wiped(FAILED, str(exc))
+        return done
+
+    def wipe_unrecorded(self, known: set[str]) -> dict[str, Wiped]:
+        """Wipe the keys of its objects that no record names (digests not in ``known``),
+        keyed by what to call each one; default: it has none that hold a key."""
+        del known
+        return {}
 
     @abstractmethod
     def orphans(self, known: set[str]) -> list[Orphan]: ...

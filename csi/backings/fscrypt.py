@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, ClassVar
 
-from csi.backings.base import Backing, Context, Orphan
+from csi.backings.base import INCOMPLETE, NO_KEY, WIPED, Backing, Context, Orphan, Wiped
 from csi.errors import Busy, DriverError, FailedPrecondition, InvalidArgument, ResourceExhausted
 from csi.exposures import BindFilesystem, Exposure
 from csi.host import KEY_ABSENT, KEY_PRESENT, FsStats
@@ -348,14 +348,36 @@ class FscryptBacking(Backing):
     def detach(self, names: Names) -> None:
         del names  # no device of its own
 
-    def wipe_key(self, names: Names, spec: VolumeSpec) -> None:
+    def wipe_key(self, names: Names, spec: VolumeSpec) -> Wiped:
         """Remove the key now, even under a live bind: new opens fail with ENOKEY; files
-        still open keep their per-file keys until closed (then an error says so)."""
+        still open keep their per-file keys until closed (reported as incomplete; a repeat
+        finishes the removal once they are closed)."""
         del spec
-        path = self.directory(names)
+        return self._wipe_dir(self.directory(names))
+
+    def _wipe_dir(self, path: str) -> Wiped:
         identifier = self.host.fscrypt_policy_of(path) if self.host.is_dir(path) else None
-        if identifier is not None:
-            self._remove_key(identifier, names.volume_id)
+        if identifier is None:
+            return Wiped(NO_KEY, "no encrypted directory")
+        present = self._key_present(identifier)
+        removal = self.host.fscrypt_remove_key(self.root, identifier)
+        if removal.status == KEY_ABSENT:
+            return Wiped(WIPED if present else NO_KEY,
+                         "key removed for all users" if present else "key absent already")
+        if removal.files_busy:
+            users = self.host.files_open_in(self.root, self.host.dir_project(path))
+            return Wiped(INCOMPLETE, "key removed, but files still open keep their per-file "
+                                     f"keys until closed: {', '.join(users) or 'open files'}")
+        return Wiped(INCOMPLETE, f"key is {removal.status.replace('_', ' ')}: other users "
+                                 "still hold it")
+
+    def wipe_unrecorded(self, known: set[str]) -> dict[str, Wiped]:
+        """Directories no record names (an unreadable record's volume): their keys too."""
+        if not self.host.is_dir(self.root):
+            return {}
+        return {os.path.join(self.root, name): self._wipe_dir(os.path.join(self.root, name))
+                for name in self.host.list_dir(self.root)
+                if (match := VOLUME_DIR.match(name)) and match.group(1) not in known}
 
     # start-up ---------------------------------------------------------------------------
     def orphans(self, known: set[str]) -> list[Orphan]:

@@ -16,8 +16,8 @@ from abc import abstractmethod
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, ClassVar
 
-from csi.backings.base import Backing, Context, Orphan
-from csi.errors import Busy
+from csi.backings.base import FAILED, Backing, Context, Orphan, Wiped
+from csi.errors import Busy, DriverError
 from csi.exposures import Exposure, MountFilesystem
 from csi.host import LuksFormat
 from csi.keys import PASSPHRASE_BYTES
@@ -117,11 +117,16 @@ class Luks:
         with self.step("resize_mapping"):
             self.host.crypt_resize(names.mapping, header_of(names, spec))
 
-    def wipe_key(self, names: Names, spec: VolumeSpec) -> None:
-        """The key leaves the kernel now, in use or not: the mapping is suspended with its key
-        wiped (``cryptsetup luksSuspend``), so no further I/O reaches the data."""
-        if self.host.crypt_exists(names.mapping):
-            self.host.crypt_wipe_key(names.mapping, header_of(names, spec))
+    def wipe_keys(self, mappings: list[str]) -> dict[str, Wiped]:
+        """The keys leave the kernel now, in use or not: each table becomes an error target
+        (all in one go), so later I/O fails with EIO; keyed by mapping name."""
+        if not mappings:
+            return {}
+        return {w.name: Wiped(w.outcome, w.detail) for w in self.host.crypt_wipe_keys(mappings)}
+
+    def wipe_unrecorded(self, known: set[str]) -> dict[str, Wiped]:
+        """Mappings of ours that no record names hold keys too: wipe them as well."""
+        return self.wipe_keys([o.label for o in self.orphan_mappings(known)])
 
     # start-up ----------------------------------------------------------------------------
     def orphan_mappings(self, known: set[str]) -> list[Orphan]:
@@ -273,5 +278,15 @@ class LuksFileBacking(Backing):
             self.host.remove_file(names.header)
         return existed
 
-    def wipe_key(self, names: Names, spec: VolumeSpec) -> None:
-        self.luks.wipe_key(names, spec)
+    def wipe_key(self, names: Names, spec: VolumeSpec) -> Wiped:
+        return self.wipe_keys([(names, spec)])[names.volume_id]
+
+    def wipe_keys(self, volumes: list[tuple[Names, VolumeSpec]]) -> dict[str, Wiped]:
+        try:
+            by_mapping = self.luks.wipe_keys([names.mapping for names, _ in volumes])
+        except DriverError as exc:
+            return {names.volume_id: Wiped(FAILED, str(exc)) for names, _ in volumes}
+        return {names.volume_id: by_mapping[names.mapping] for names, _ in volumes}
+
+    def wipe_unrecorded(self, known: set[str]) -> dict[str, Wiped]:
+        return self.luks.wipe_unrecorded(known)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, ClassVar
 
-from csi.backings.base import Backing, Orphan
+from csi.backings.base import IN_GUEST, Backing, Orphan, Wiped
 from csi.backings.luks import KATA_FIXED
 from csi.errors import Internal
 from csi.exposures import Exposure
@@ -100,10 +100,11 @@ class RawFileBacking(Backing):
     def detach(self, names: Names) -> None:
         del names
 
-    def wipe_key(self, names: Names, spec: VolumeSpec) -> None:
+    def wipe_key(self, names: Names, spec: VolumeSpec) -> Wiped:
         """The host has no key of it: the guest made it and keeps it in the VM's memory."""
         del names, spec
-        log.info("a kata=guest volume has no key on the host: nothing to wipe")
+        return Wiped(IN_GUEST, "kata=guest: the key was born in the pod's VM and never was on "
+                               "this host; only stopping the VM drops it")
 
     def orphans(self, known: set[str]) -> list[Orphan]:
         return []  # its files are the LUKS file sweep's (``<digest>.img`` with no record)

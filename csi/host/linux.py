@@ -25,7 +25,16 @@ from csi.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
-from csi.host import DirectVolume, FsStats, KeyRemoval, LuksFormat, MappingUse, Quota, mountcalls
+from csi.host import (
+    DirectVolume,
+    FsStats,
+    KeyRemoval,
+    KeyWipe,
+    LuksFormat,
+    MappingUse,
+    Quota,
+    mountcalls,
+)
 from csi.host import commands as cmd
 from csi.host.commands import EXT4_GROUP_BYTES as EXT4_GROUP_BYTES  # re-export (tests)
 from csi.host.commands import FORMAT_TIMEOUT, GROW_TIMEOUT
@@ -34,7 +43,10 @@ from csi.host.fscrypt import FscryptHost
 from csi.host.kata import KataHost
 from csi.host.nbd import Qcow2Nbd
 from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, Runner, run
+from csi.host.wipe import WIPED_TARGET, KeyWiper
 from csi.keys import VolumeKey
+
+INTEGRITY_SUFFIX = "_dif"  # cryptsetup's name for the dm-integrity mapping under ours
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -382,19 +394,28 @@ class LinuxHost:
                 raise Busy(f"mapping {name} is still in use; it stays open") from None
             if not self.crypt_exists(name):
                 return
-            raise
+            if KeyWiper(self).tables().get(name) != [WIPED_TARGET]:
+                raise
+            self._remove_wiped(name)
 
-    def crypt_wipe_key(self, name: str, header: str | None) -> None:
-        """Forced: the key leaves the kernel now even if the mapping is in use; its I/O waits
-        (suspended) until the mapping is removed."""
-        if not self.crypt_exists(name):
-            return
-        try:
-            self.runner(cmd.crypt_suspend(name, header))
-        except CommandFailed as exc:
-            if "already suspended" in exc.stderr or not self.crypt_exists(name):
-                return
-            raise
+    def _remove_wiped(self, name: str) -> None:
+        """cryptsetup no longer knows a mapping whose table was wiped: remove it (and the
+        dm-integrity mapping it stood on, which holds no key) with dmsetup."""
+        for mapping in (name, name + INTEGRITY_SUFFIX):
+            if mapping not in self._dm_names():
+                continue
+            try:
+                self.runner(cmd.dmsetup_remove(mapping))
+            except CommandFailed as exc:
+                if mapping in self._dm_names():
+                    if "busy" in exc.stderr.lower() or "in use" in exc.stderr:
+                        raise Busy(f"mapping {mapping} is still in use; it stays") from None
+                    raise
+
+    def crypt_wipe_keys(self, names: list[str]) -> list[KeyWipe]:
+        """Forced: each key leaves the kernel now, in use or not; later I/O fails with EIO
+        (``csi.host.wipe``)."""
+        return KeyWiper(self).wipe(names)
 
     def _dm_names(self) -> dict[str, str]:
         """dm name -> kernel device name (dm-N), read from sysfs."""

@@ -21,12 +21,13 @@ from pathlib import Path
 import pytest
 
 from csi.errors import Busy, FailedPrecondition, Internal, InvalidArgument
-from csi.host import LuksFormat, MappingUse, mountcalls
+from csi.host import LuksFormat, MappingUse, mountcalls, wipe
 from csi.host import commands as cmd
 from csi.host import linux as linux_host
 from csi.host.linux import LinuxHost, read_mountinfo, read_mounts
 from csi.host.nbd import Qcow2Nbd
 from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, run
+from csi.host.wipe import parse_tables
 from csi.keys import VolumeKey, random_key
 
 FIXTURES = Path(__file__).parent / "fixtures" / "linux"
@@ -790,22 +791,88 @@ def test_the_nbd_command_lines_are_pinned(tmp_path: Path, runner: ScriptedRunner
 
 
 # --- forced key wipe ----------------------------------------------------------------------------
-def test_wipe_key_suspends_the_mapping_with_its_detached_header(
-    host: LinuxHost, runner: ScriptedRunner
-) -> None:
-    host.crypt_wipe_key("luks-eph-aaa", "/run/hdr")
-    assert runner.argvs == [["cryptsetup", "luksSuspend", "--header", "/run/hdr", "luks-eph-aaa"]]
-    assert runner.calls[0].stdin is None  # nothing to unlock: no key goes anywhere
+TABLES = (
+    "luks-eph-aaa: 0 131072 crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 7:1 32768\n"
+    "luks-eph-bbb: 0 131072 error \n"
+    "vg0-root: 0 2097152 linear 8:2 2048\n"
+)
+WIPED = TABLES.replace("crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 7:1 32768", "error")
 
 
-def test_wipe_key_of_an_absent_or_already_suspended_mapping_is_done(
-    host: LinuxHost, runner: ScriptedRunner
+def test_parse_tables_reads_every_devices_target_types() -> None:
+    assert parse_tables(TABLES + "luks-eph-ccc: 0 8 linear 7:2 0\nluks-eph-ccc: 8 8 error\n"
+                        "No devices found\n") == {
+        "luks-eph-aaa": ["crypt"], "luks-eph-bbb": ["error"], "vg0-root": ["linear"],
+        "luks-eph-ccc": ["linear", "error"],
+    }  # fmt: skip
+
+
+def test_wipe_keys_replaces_the_tables_in_one_dmsetup_and_proves_it(
+    host: LinuxHost, runner: ScriptedRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    host.crypt_wipe_key("luks-eph-zzz", None)
-    assert runner.calls == []
-    runner.on("cryptsetup", "luksSuspend", exit=1, stderr="Volume luks-eph-aaa is already "
-              "suspended.")  # fmt: skip
-    host.crypt_wipe_key("luks-eph-aaa", None)
-    runner.on("cryptsetup", "luksSuspend", exit=1, stderr="Cannot initialize device-mapper.")
+    shut: list[tuple[str, str]] = []
+
+    def shut_down(path: str, dev: str) -> bool:
+        shut.append((path, dev))
+        return True
+
+    monkeypatch.setattr(wipe, "shut_down", shut_down)
+    runner.on("dmsetup", "table", stdout=TABLES)
+    runner.on("dmsetup", "table", stdout=WIPED)
+    results = host.crypt_wipe_keys(["luks-eph-aaa", "luks-eph-bbb", "luks-eph-zzz"])
+    assert [(r.name, r.outcome) for r in results] == [
+        ("luks-eph-aaa", "wiped"), ("luks-eph-bbb", "no_key"), ("luks-eph-zzz", "no_key")]
+    assert runner.argvs == [
+        ["dmsetup", "table"],
+        ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-aaa"],
+        ["dmsetup", "table"],
+    ]
+    assert all(c.stdin is None for c in runner.calls)  # no key goes anywhere
+    # the filesystem of aaa (253:0) is shut down once, at its first mount; ddd was not asked
+    assert shut == [("/var/lib/kubelet/plugins/kubernetes.io/csi/luks-eph/abc/globalmount",
+                     "253:0")]
+
+
+def test_wipe_keys_falls_back_to_one_at_a_time_and_reports_what_failed(
+    host: LinuxHost, runner: ScriptedRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wipe, "shut_down", lambda path, dev: True)
+    both = TABLES.replace("luks-eph-bbb: 0 131072 error", "luks-eph-bbb: 0 131072 crypt x")
+    runner.on("dmsetup", "table", stdout=both)
+    runner.on("dmsetup", "wipe_table", exit=1, stderr="device-mapper: reload ioctl failed")
+    runner.on("dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-aaa")
+    runner.on("dmsetup", "wipe_table", exit=1, stderr="device-mapper: reload ioctl failed")
+    runner.on("dmsetup", "table", stdout=both.replace(
+        "crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 7:1 32768", "error"))
+    results = host.crypt_wipe_keys(["luks-eph-aaa", "luks-eph-bbb"])
+    assert [(r.name, r.outcome) for r in results] == [
+        ("luks-eph-aaa", "wiped"), ("luks-eph-bbb", "failed")]
+    assert "crypt" in results[1].detail
+    assert runner.argvs[1:4] == [
+        ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-aaa",
+         "luks-eph-bbb"],
+        ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-aaa"],
+        ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-bbb"],
+    ]
+
+
+def test_close_of_a_wiped_mapping_removes_it_and_its_integrity_mapping_with_dmsetup(
+    host: LinuxHost, runner: ScriptedRunner, sysfs: Path
+) -> None:
+    dif = sysfs / "block" / "dm-9"
+    (dif / "dm").mkdir(parents=True)
+    (dif / "dm" / "name").write_text("luks-eph-bbb_dif\n")
+    (dif / "dev").write_text("253:9\n")
+    runner.on("cryptsetup", "close", exit=1, stderr="Device luks-eph-bbb is not a valid LUKS.")
+    runner.on("dmsetup", "table", stdout=TABLES)
+    host.crypt_close("luks-eph-bbb")
+    assert runner.argvs[2:] == [["dmsetup", "remove", "--retry", "luks-eph-bbb"],
+                                ["dmsetup", "remove", "--retry", "luks-eph-bbb_dif"]]
+    runner.calls.clear()
+    runner.on("cryptsetup", "close", exit=1, stderr="Device luks-eph-aaa is busy.")
+    with pytest.raises(Busy):
+        host.crypt_close("luks-eph-aaa")
+    runner.on("cryptsetup", "close", exit=1, stderr="Cannot initialize device-mapper.")
+    runner.on("dmsetup", "table", stdout=TABLES)
     with pytest.raises(CommandFailed, match="device-mapper"):
-        host.crypt_wipe_key("luks-eph-aaa", None)
+        host.crypt_close("luks-eph-aaa")  # not wiped: the failure is real

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 
 from csi.errors import Busy, Internal
-from csi.host import LuksFormat, MappingUse
+from csi.host import KeyWipe, LuksFormat, MappingUse
 from csi.host.fakes.state import ATTACHED_OFFSET, FakeFile, FakeState
 from csi.host.runner import CommandFailed
 from csi.keys import VolumeKey
@@ -79,13 +79,21 @@ class FakeDmCrypt(FakeState):
             self.filesystems.pop(device, None)
             self.fs_sizes.pop(device, None)
 
-    def crypt_wipe_key(self, name: str, header: str | None) -> None:
-        """Like luksSuspend: the key is gone from the kernel at once, in use or not."""
+    def crypt_wipe_keys(self, names: list[str]) -> list[KeyWipe]:
+        """Like ``dmsetup wipe_table``: each key is gone from the kernel at once, in use or not."""
         with self._lock:
-            self._enter("crypt_wipe_key", name)
-            if name in self.mappings:
-                self.wiped.add(name)
-                self.keyring.pop(name, None)
+            self._enter("crypt_wipe_keys", " ".join(names))
+            results = []
+            for name in names:
+                if name not in self.mappings:
+                    results.append(KeyWipe(name, "no_key", "no mapping"))
+                elif name in self.wiped:
+                    results.append(KeyWipe(name, "no_key", "already wiped (error table)"))
+                else:
+                    self.wiped.add(name)
+                    self.keyring.pop(name, None)
+                    results.append(KeyWipe(name, "wiped", "table replaced by an error target"))
+            return results
 
     def crypt_exists(self, name: str) -> bool:
         return name in self.mappings
