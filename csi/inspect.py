@@ -78,6 +78,9 @@ class Inspector:
         path = path or self.volumes.primary_path(record)
         backing = self.volumes.backing_of(record.spec)
         problems = backing.health(names, record.spec)
+        if self.volumes.seal.was_shredded(record.volume_id):
+            problems.insert(0, "its key was wiped by an emergency shred: reads and writes fail; "
+                               "delete the pod (its data is gone)")  # fmt: skip
         if backing.find(names) is None:
             pass  # nothing can be exposed without it: the backing said why
         elif record.spec.kata != "off":

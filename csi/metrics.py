@@ -12,12 +12,14 @@ import threading
 from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from csi import backings
+from csi.backings.base import COMPLETE_OUTCOMES, FAILED, INCOMPLETE
 from csi.capacity import Usage
+from csi.shred import ShredEvents, ShredReport
 from csi.steps import ALL_STEPS
 from csi.volumes import Events
 
@@ -30,9 +32,10 @@ ORPHAN_REASONS = (
     "handoff_without_record",
 )  # fmt: skip
 BACKINGS = backings.names()
+SHRED_OUTCOMES = (*COMPLETE_OUTCOMES, INCOMPLETE, FAILED)
 ACCESS_TYPES = ("mount", "block")
 
-class Metrics(Events):
+class Metrics(Events, ShredEvents):
     """Counts what the driver does; gauges about volumes are read from the lifecycle at scrape."""
 
     def __init__(self, registry: CollectorRegistry, driver_name: str) -> None:
@@ -70,7 +73,39 @@ class Metrics(Events):
             self.step_failures.labels(step=step)
         for reason in ORPHAN_REASONS:
             self.orphans.labels(reason=reason)
+        self.shred_seconds = Histogram(
+            "luks_ephemeral_shred_seconds",
+            "Emergency shreds: from the trigger to the last key gone", buckets=BUCKETS,
+            registry=registry,
+        )  # fmt: skip
+        self.shred_volumes = Counter(
+            "luks_ephemeral_shred_volumes",
+            "Volumes an emergency shred reached, by what it achieved (wiped, no_key, in_guest, "
+            "incomplete, failed)", ["outcome"], registry=registry,
+        )  # fmt: skip
+        self.shred_incomplete = Gauge(
+            "luks_ephemeral_shred_incomplete_keys",
+            "Keys the last emergency shred could not fully remove (fscrypt files still open)",
+            registry=registry,
+        )  # fmt: skip
+        for outcome in SHRED_OUTCOMES:
+            self.shred_volumes.labels(outcome=outcome)
+        self.sealed = Gauge(
+            "luks_ephemeral_sealed",
+            "1 while the node is sealed by an emergency shred (publish and stage refused)",
+            registry=registry,
+        )  # fmt: skip
         self._usage: UsageCollector | None = None
+
+    def watch_seal(self, is_sealed: Callable[[], bool]) -> None:
+        """Read the seal at scrape time: it can be set and lifted by any trigger."""
+        self.sealed.set_function(lambda: float(is_sealed()))
+
+    def shred_done(self, report: ShredReport) -> None:
+        self.shred_seconds.observe(report.seconds)
+        for result in report.results:
+            self.shred_volumes.labels(outcome=result.outcome).inc()
+        self.shred_incomplete.set(report.count(INCOMPLETE))
 
     # Events ------------------------------------------------------------------------------
     def step(self, name: str, seconds: float, ok: bool) -> None:

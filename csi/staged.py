@@ -101,6 +101,7 @@ class StagedVolumes:
         self.core.check_provisioned_id(request.volume_id)
         self.core.check_target(request.staging_path, "staging_target_path")
         with self.core.locks.hold(request.volume_id):
+            self.core.seal.check(f"stage of volume {request.volume_id}")
             record = self.journal.load(request.volume_id) or self._reserve_again(request)
             if record.state == STAGED:
                 self._restage(record, request)
@@ -189,6 +190,7 @@ class StagedVolumes:
         self.core.check_target(request.staging_path, "staging_target_path")
         self.core.check_target(request.target_path)
         with self.core.locks.hold(request.volume_id):
+            self.core.seal.check(f"publish of volume {request.volume_id}")
             record = self._staged(request.volume_id, request.staging_path)
             if request.capability.access_type != record.spec.access_type:
                 raise InvalidArgument(

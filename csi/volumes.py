@@ -53,6 +53,7 @@ from csi.journal import (
 from csi.keys import KeySource, random_key
 from csi.params import VolumeSpec, quoted
 from csi.reconcile import Reconciler, ReconcileReport
+from csi.seal import Seal
 from csi.steps import PUBLISH_STEPS
 
 __all__ = ["PUBLISH_STEPS", "Events", "PublishRequest", "ReconcileReport", "StepHook", "Usage",
@@ -110,6 +111,7 @@ class Volumes:
         self.events = events or Events()
         self.journal.on_set_aside = self.events.record_set_aside
         self.locks = NodeGate()
+        self.seal = Seal(config.state_dir)  # after an emergency shred: no new volumes
         self.kata: DirectVolumes = host  # Kata's direct-assigned volumes (kata=guest|host)
         context = Context(host, key_source, self.timed_step, config.data_dir, config.state_dir,
                           config.kata_direct_volume_root)  # fmt: skip
@@ -350,6 +352,7 @@ class Volumes:
             )
         self.check_target(request.target_path)
         with self.locks.hold(request.volume_id):
+            self.seal.check(f"publish of volume {request.volume_id}")
             record = self.journal.load(request.volume_id)
             if record is not None and record.state == PUBLISHED:
                 self._republish(record, request)
