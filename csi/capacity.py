@@ -11,9 +11,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from csi import backings
+from csi import backings, limits
 from csi.config import Config
-from csi.errors import ResourceExhausted
+from csi.errors import NamespaceLimitExceeded, ResourceExhausted
 from csi.host import Files
 from csi.journal import Journal, Record
 from csi.params import VolumeSpec, format_bytes
@@ -37,11 +37,14 @@ class Capacity:
         self.journal = journal
         self.allocated = allocated  # what a volume's backing takes on the disk now
         self._lock = threading.Lock()
+        # told of every namespace refusal (the namespace metrics); must be cheap and not raise
+        self.on_namespace_refusal: Callable[[NamespaceLimitExceeded], None] | None = None
 
     def reserve(self, record: Record, *, new_volume: bool = True) -> None:
-        """Count the volume at its full charge against the node's limits (the volume count, the
-        admin's budget, and the data dir's free space minus what sparse volumes may still
-        claim), then write its record atomically. Also used to grow a reservation."""
+        """Count the volume at its full charge against the node's limits (the volume count, its
+        namespace's share, the admin's budget, and the data dir's free space minus what sparse
+        volumes may still claim), then write its record atomically. Also used to grow a
+        reservation (``new_volume=False``: counts are not checked)."""
         need = record.charge
         with self._lock:
             others = [r for r in self.journal.all() if r.volume_id != record.volume_id]
@@ -50,6 +53,12 @@ class Capacity:
                     f"this node already has {len(others)} volumes, its limit "
                     f"(--max-volumes={self.config.max_volumes})"
                 )
+            try:
+                limits.check(self.config.namespace_limits, record, others, new_volume=new_volume)
+            except NamespaceLimitExceeded as exc:
+                if self.on_namespace_refusal is not None:
+                    self.on_namespace_refusal(exc)
+                raise
             reserved = sum(r.charge for r in others)
             budget = self.config.capacity
             if budget and reserved + need > budget:
@@ -92,6 +101,10 @@ class Capacity:
     def _unallocated(self, record: Record) -> int:
         """Bytes a sparse volume may still claim from the data dir's free space."""
         return max(0, record.charge - self.allocated(record))
+
+    def namespace_usage(self) -> dict[str, limits.Used]:
+        """Bytes and volumes per namespace, for the namespace metrics."""
+        return limits.usage(self.journal.all())
 
     def usage(self) -> Usage:
         """Budget, reservations and real disk use, for metrics and GetCapacity."""

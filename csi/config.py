@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import socket
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from csi.errors import InvalidArgument
+from csi.limits import Limit, NamespaceLimits, parse_overrides
 from csi.params import parse_quantity
 
 DEFAULT_DRIVER_NAME = "luks-ephemeral.csi.io"
@@ -28,6 +30,9 @@ class Config:
     min_size: int = 32 * 1024**2
     max_size: int = 1024**4
     max_volumes: int = 128
+    # each namespace's share of this node (bytes, volume count) and per-namespace overrides;
+    # 0 = no limit, the default, so an install that sets nothing behaves as before
+    namespace_limits: NamespaceLimits = field(default_factory=NamespaceLimits)
     log_format: str = "json"
     log_level: str = "INFO"
     metrics_address: str = ":9810"  # empty: no metrics endpoint
@@ -83,6 +88,13 @@ _FLAGS: dict[str, tuple[str, str]] = {
     "min-size": ("MIN_SIZE", "smallest volume size accepted (quantity)"),
     "max-size": ("MAX_SIZE", "largest volume size accepted (quantity)"),
     "max-volumes": ("MAX_VOLUMES", "most volumes published on this node at once"),
+    "namespace-max-bytes": ("NAMESPACE_MAX_BYTES", "default share of this node for every "
+                            "namespace: bytes its volumes may reserve (quantity); 0 = no limit"),
+    "namespace-max-volumes": ("NAMESPACE_MAX_VOLUMES", "default share of this node for every "
+                              "namespace: most volumes at once; 0 = no limit"),
+    "namespace-limits": ("NAMESPACE_LIMITS", "per-namespace overrides of the default share, "
+                         'JSON: {"team-a": {"bytes": "10Gi", "volumes": 4}}; a key left out '
+                         "keeps the default, 0 lifts that limit"),
     "log-format": ("LOG_FORMAT", "json or text"),
     "log-level": ("LOG_LEVEL", "DEBUG, INFO, WARNING, ERROR"),
     "metrics-address": ("METRICS_ADDRESS", "host:port for Prometheus metrics; empty disables"),
@@ -152,6 +164,7 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
         raise InvalidArgument("--max-volumes must be an integer") from None
     if max_volumes < 1:
         raise InvalidArgument("--max-volumes must be at least 1")
+    namespace_limits = _namespace_limits(get, quantity)
     log_level = get("log-level", base.log_level).upper()
     if log_level not in LOG_LEVELS:
         raise InvalidArgument(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
@@ -169,6 +182,7 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
         min_size=quantity("min-size", base.min_size),
         max_size=quantity("max-size", base.max_size),
         max_volumes=max_volumes,
+        namespace_limits=namespace_limits,
         log_format=log_format,
         log_level=log_level,
         metrics_address=_metrics_address(args, env, base.metrics_address),
@@ -185,6 +199,22 @@ def from_args(mode: str, args: argparse.Namespace, environ: dict[str, str] | Non
     if config.min_size > config.max_size:
         raise InvalidArgument("--min-size is larger than --max-size")
     return config
+
+
+def _namespace_limits(
+    get: Callable[[str, str], str], quantity: Callable[[str, int], int]
+) -> NamespaceLimits:
+    """The default share from its two flags, then the overrides (which fall back to it)."""
+    raw = get("namespace-max-volumes", "0")
+    try:
+        volumes = int(raw)
+    except ValueError:
+        raise InvalidArgument(f"--namespace-max-volumes {raw!r} must be a whole number "
+                              "(0 = no limit)") from None  # fmt: skip
+    if volumes < 0:
+        raise InvalidArgument("--namespace-max-volumes must be 0 (no limit) or more")
+    default = Limit(max_bytes=quantity("namespace-max-bytes", 0), max_volumes=volumes)
+    return NamespaceLimits(default, parse_overrides(get("namespace-limits", ""), default))
 
 
 def _metrics_address(args: argparse.Namespace, env: dict[str, str], default: str) -> str:

@@ -32,6 +32,16 @@ class ResourceExhausted(DriverError):
     """The capacity budget, the data dir's free space or the volume limit cannot hold it."""
 
 
+class NamespaceLimitExceeded(ResourceExhausted):
+    """A namespace's share of this node (bytes or volume count) cannot hold the volume: inline
+    volumes escape ResourceQuota, so this per-node limit is what stops one tenant taking it."""
+
+    def __init__(self, message: str, *, namespace: str, limit: str) -> None:
+        super().__init__(message)
+        self.namespace = namespace
+        self.limit = limit  # "bytes" or "volumes": which of the namespace's limits was hit
+
+
 class OutOfRange(DriverError):
     """The capacity range asked for cannot be met within this node's size limits."""
 

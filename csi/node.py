@@ -7,7 +7,13 @@ import logging
 import grpc
 
 from csi.config import Config
-from csi.errors import DriverError, InvalidArgument, NotFound, ResourceExhausted
+from csi.errors import (
+    DriverError,
+    InvalidArgument,
+    NamespaceLimitExceeded,
+    NotFound,
+    ResourceExhausted,
+)
 from csi.params import VolumeSpec, check_combination, parse_attributes
 from csi.pods import Notify, no_notify, pod_of
 from csi.proto import csi_pb2 as pb
@@ -30,9 +36,11 @@ RpcType = pb.NodeServiceCapability.RPC.Type
 log = logging.getLogger(__name__)
 
 
-# Refusals worth an event on the pod, and the event's reason.
+# Refusals worth an event on the pod, and the event's reason. The first class the error is an
+# instance of wins: a subclass comes before its base.
 EVENT_REASONS: dict[type[DriverError], str] = {
     InvalidArgument: "InvalidVolumeParameter",
+    NamespaceLimitExceeded: "NamespaceLimitExceeded",
     ResourceExhausted: "CapacityExhausted",
 }
 
