@@ -56,7 +56,8 @@ TOKEN_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 TOKEN_VOLUME = "kube-api-access"
 
 # Which containers call the Kubernetes API, and so get a token (nobody else does).
-NODE_API_CALLERS = {"driver", "csi-provisioner"}  # the reaper and pod Events; provisioning
+# the driver: the reaper, pod and Node Events, the Node shred annotation; the provisioner
+NODE_API_CALLERS = {"driver", "csi-provisioner"}
 CONTROLLER_API_CALLERS = {"csi-resizer"}  # the driver in controller mode never calls the API
 
 
@@ -276,8 +277,14 @@ API_CALLS: dict[str, tuple[str, str, str]] = {
     # KubeApi.pods_on_node (orphan reaper): one cluster-wide list with fieldSelector
     # spec.nodeName=<node>; no get, no watch
     "list_pod_for_all_namespaces": ("", "pods", "list"),
-    # KubeApi.event (pod Events): a new Event each time, never patched or updated
+    # KubeApi.event and KubeApi.node_event (pod and Node Events): a new Event each time, never
+    # patched or updated
     "create_namespaced_event": ("", "events", "create"),
+    # KubeApi.node_annotations (emergency shred trigger): this node, by name
+    "read_node": ("", "nodes", "get"),
+    # KubeApi.watch_node (emergency shred trigger): always watch=True with fieldSelector
+    # metadata.name=<node> (asserted below), so it needs watch and never list
+    "list_node": ("", "nodes", "watch"),
 }
 
 
@@ -289,6 +296,16 @@ def imports_kubernetes(path: Path) -> bool:
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "kubernetes":
             return True
     return False
+
+
+def core_calls() -> list[ast.Call]:
+    """Every ``self.core.<method>(...)`` call in csi/kube.py."""
+    tree = ast.parse((REPO / "csi" / "kube.py").read_text())
+    return [
+        node for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Attribute) and node.func.value.attr == "core"
+    ]  # fmt: skip
 
 
 def kube_api_methods() -> set[str]:
@@ -319,6 +336,25 @@ def test_every_api_call_of_the_driver_is_in_the_rbac_table() -> None:
     assert kube_api_methods() == set(API_CALLS)
 
 
+def test_nodes_are_only_watched_by_name_never_listed() -> None:
+    """``list_node`` is a list (RBAC ``list``, every node of the cluster) unless it watches:
+    each call must pass ``watch=True`` and a ``metadata.name=`` field selector."""
+    calls = [c for c in core_calls() if isinstance(c.func, ast.Attribute)
+             and c.func.attr == "list_node"]  # fmt: skip
+    assert calls, "no list_node call: update API_CALLS"
+    for call in calls:
+        keywords = {k.arg: k.value for k in call.keywords}
+        watch = keywords.get("watch")
+        assert isinstance(watch, ast.Constant) and watch.value is True, ast.unparse(call)
+        selector = keywords.get("field_selector")
+        assert isinstance(selector, ast.JoinedStr), ast.unparse(call)
+        first = selector.values[0]
+        assert isinstance(first, ast.Constant) and first.value == "metadata.name=", (
+            ast.unparse(call)
+        )
+        assert "label_selector" not in keywords and "limit" not in keywords
+
+
 def node_role(objects: list[Obj]) -> dict[tuple[str, str], set[str]]:
     role = find(objects, "ClusterRole", f"{RELEASE}-node")
     assert all("resourceNames" not in r and "nonResourceURLs" not in r for r in role["rules"])
@@ -329,8 +365,17 @@ def node_role(objects: list[Obj]) -> dict[tuple[str, str], set[str]]:
 def test_node_role_grants_exactly_the_verb_each_call_needs(
     default_objects: list[Obj], method: str
 ) -> None:
+    """The resource's verbs are exactly those of the calls on it: this one's among them."""
     group, resource, verb = API_CALLS[method]
-    assert node_role(default_objects).get((group, resource)) == {verb}, method
+    needed = {v for g, r, v in API_CALLS.values() if (g, r) == (group, resource)}
+    granted = node_role(default_objects).get((group, resource))
+    assert granted == needed and verb in granted, method
+
+
+def test_node_role_reads_nodes_but_never_lists_or_writes_them(objects: list[Obj]) -> None:
+    """A list would show every node of the cluster; a patch would let a compromised driver
+    clear the shred annotation of any node. Neither is granted."""
+    assert node_role(objects)[("", "nodes")] == {"get", "watch"}
 
 
 def test_node_role_grants_nothing_else(objects: list[Obj]) -> None:
