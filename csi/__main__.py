@@ -1,4 +1,5 @@
-"""Command line: ``luks-ephemeral-csi node|controller|all`` serves; ``volumes`` lists volumes."""
+"""Command line: ``luks-ephemeral-csi node|controller|all`` serves; ``volumes`` lists volumes;
+``shred --all|--volume ID`` wipes keys now and ``unseal`` lets volumes be made again."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
-from csi import __version__, hardening, logs
-from csi.config import Config, add_flags, from_args
+from csi import __version__, hardening, logs, operator
+from csi.admin import AdminServer
+from csi.config import MODES, Config, add_flags, from_args
 from csi.controller import ControllerServicer
 from csi.errors import DriverError
 from csi.host import NodeHost
@@ -24,6 +26,7 @@ from csi.host.nbd import Qcow2Nbd
 from csi.identity import IdentityServicer
 from csi.journal import Record
 from csi.kube import KubeApi, PodEvents
+from csi.limits import register_namespace_metrics
 from csi.metrics import Metrics, MetricsServer
 from csi.metrics import serve as serve_metrics
 from csi.node import NodeServicer, topology_key
@@ -33,6 +36,8 @@ from csi.proto import csi_pb2_grpc
 from csi.provision import Provisioner
 from csi.reaper import OrphanReaper
 from csi.server import LoggingInterceptor, Server
+from csi.shred import Shredder
+from csi.shredwatch import ANNOTATION, NodeShredWatch
 from csi.statelock import LockHeld, state_dir_lock
 from csi.volumes import Volumes
 
@@ -82,8 +87,15 @@ def build_server(
 class ClusterIntegration:
     """What API access adds to a node plugin: events on pods, and the orphan reaper."""
 
-    def __init__(self, api: KubeApi | None, volumes: Volumes, config: Config) -> None:
+    def __init__(self, api: KubeApi | None, volumes: Volumes, config: Config,
+                 shredder: Shredder | None = None) -> None:  # fmt: skip
         self.api = api
+        self.node_id = config.node_id
+        self.shred_watch = (
+            NodeShredWatch(api, shredder, config.node_id, config.state_dir)
+            if api is not None and shredder is not None
+            else None
+        )
         self.notify: Notify = PodEvents(api) if api is not None else no_notify
         self.reaper = (
             OrphanReaper(volumes, api, config.node_id, config.reaper_grace)
@@ -93,16 +105,23 @@ class ClusterIntegration:
 
     @classmethod
     def connect(
-        cls, config: Config, volumes: Volumes, environ: dict[str, str]
+        cls, config: Config, volumes: Volumes, environ: dict[str, str],
+        shredder: Shredder | None = None,
     ) -> ClusterIntegration:
-        return cls(KubeApi.connect(config, environ), volumes, config)
+        return cls(KubeApi.connect(config, environ), volumes, config, shredder)
 
     def start(self, interval: float) -> None:
         if self.reaper is not None:
             self.reaper.start(interval)
             log.info("orphan reaper on: every %.0f s, grace %.0f s", interval, self.reaper.grace)
+        if self.shred_watch is not None:
+            self.shred_watch.start()
+            log.info("emergency shred trigger on: annotation %s on node %s", ANNOTATION,
+                     self.node_id)  # fmt: skip
 
     def stop(self) -> None:
+        if self.shred_watch is not None:
+            self.shred_watch.stop()  # before the API client closes
         if self.reaper is not None:
             self.reaper.stop()
         if self.api is not None:
@@ -147,6 +166,10 @@ def _run_locked(
     volumes = Volumes(config, host or linux_host(config), after_step=crash_hook(environ),
                       events=metrics)  # fmt: skip
     metrics.watch_usage(volumes.usage)
+    register_namespace_metrics(registry, volumes.capacity)
+    metrics.watch_seal(volumes.seal.is_sealed)
+    shredder = Shredder(volumes, metrics)
+    admin_server: AdminServer | None = None
     if config.serves_node:
         report = volumes.reconcile()
         log.info(
@@ -155,7 +178,9 @@ def _run_locked(
                               "orphans_removed": report.orphans_removed,
                               "failures": report.failures}},
         )  # fmt: skip
-        cluster = ClusterIntegration.connect(config, volumes, environ)
+        cluster = ClusterIntegration.connect(config, volumes, environ, shredder)
+        admin_server = AdminServer(config.state_dir, operator.handlers(shredder))
+        admin_server.start()
     metrics_server: MetricsServer | None = None
     if config.metrics_address:
         metrics_server = serve_metrics(metrics.registry, config.metrics_address)
@@ -173,6 +198,8 @@ def _run_locked(
     if cluster is not None:
         cluster.stop()  # no reaping while the server shuts down
     server.stop()
+    if admin_server is not None:
+        admin_server.stop()
     if metrics_server is not None:
         metrics_server.stop()
     return 0
@@ -234,8 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     listing = sub.add_parser("volumes", help="list this node's volumes from the journal")
     add_flags(listing)
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    shred = sub.add_parser("shred", help="wipe volume keys from the kernel now (emergency); "
+                           "--all also seals the node")  # fmt: skip
+    add_flags(shred)
+    which = shred.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every volume on this node; seals it")
+    which.add_argument("--volume", metavar="ID", help="one volume (the node stays unsealed)")
+    shred.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    unseal = sub.add_parser("unseal", help="allow publish and stage again after a shred")
+    add_flags(unseal)
+    unseal.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
-    mode = args.command if args.command != "volumes" else "node"
+    mode = args.command if args.command in MODES else "node"
     try:
         config = from_args(mode, args)
     except DriverError as exc:
@@ -243,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     logs.setup(config.log_format, config.log_level)
     if args.command == "volumes":
         return list_volumes(config, args.json)
+    if args.command == "shred":
+        request = {"command": "shred", "volume": None if args.all else args.volume}
+        return operator.run(config, request, linux_host(config), args.json)
+    if args.command == "unseal":
+        return operator.run(config, {"command": "unseal"}, linux_host(config), args.json)
     try:
         return serve(config)
     except LockHeld as exc:

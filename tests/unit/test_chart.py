@@ -1017,6 +1017,9 @@ def test_prometheus_rule(full_objects: list[Obj]) -> None:
         "LuksEphemeralBudgetNearlyUsed": [
             'luks_ephemeral_capacity_bytes{kind="reserved"}', 'kind="budget"', "> 0.9"
         ],
+        "LuksEphemeralNodeSealed": ["luks_ephemeral_sealed", "== 1"],
+        "LuksEphemeralShredIncomplete": ["luks_ephemeral_shred_incomplete_keys", "> 0"],
+        "LuksEphemeralNamespaceLimitRefusals": ["luks_ephemeral_namespace_refusals_total"],
     }  # fmt: skip
     assert set(alerts) == set(expected)
     for name, fragments in expected.items():
