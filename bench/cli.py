@@ -30,6 +30,12 @@ fscrypt      publish and unpublish of backing=fscrypt volumes (--size), interlea
              with a floor the bench runs itself (mkdir + mount --bind + remount nosuid,nodev of
              a plain directory, and back) and with the driver's loop-LUKS publish of the same
              size (bench/fscrypt.py).
+shred        the emergency shred (``shred --all`` through the driver's admin socket) of 50 live
+             64 MiB loop volumes (mounted, a file of each held open and written by one writer
+             process, round-robin with fsync), against NodeUnpublishVolume of one such volume;
+             --shred-cycles shred cycles (publish 50, shred, unpublish them, unseal) rotated
+             with --shred-baseline unpublishes of one each round (bench/shred.py). A shred that
+             does not wipe every key fails the run.
 
 ``--only PHASE[,PHASE]`` runs just those phases and merges their sections into the existing
 results file (the other sections, measured by an earlier run, are kept as they were).
@@ -67,6 +73,7 @@ from bench.fscrypt import fscrypt_phase
 from bench.integrity import integrity_phase
 from bench.phases import concurrency_phase, latency_phase, memory_phase
 from bench.processes import BenchDriver, DataFs, Qsd, sweep
+from bench.shred import shred_phase
 from bench.summary import PHASES, merged, notes, summarise
 from csi.params import parse_quantity
 
@@ -108,6 +115,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--integrity-cycles", type=int, default=3, help="integrity phase cycles per flow (3)"
     )
+    parser.add_argument(
+        "--shred-volumes", type=int, default=50, help="live volumes each shred wipes (50)"
+    )
+    parser.add_argument("--shred-size", default="64Mi", help="size of the shred phase's volumes")
+    parser.add_argument(
+        "--shred-cycles", type=int, default=3, help="shred cycles (publish N, shred, clean up) (3)"
+    )
+    parser.add_argument(
+        "--shred-baseline",
+        type=int,
+        default=2,
+        help="unpublishes of one volume per shred cycle, the baseline (2)",
+    )
+    parser.add_argument(
+        "--driver-log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING"),
+        help="the driver's --log-level (INFO; DEBUG logs every command, for diagnosis)",
+    )
     parser.add_argument("--work-dir", default="/tmp", help="where the node-disk image goes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
     args = parser.parse_args(argv)
@@ -125,11 +151,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.integrity_small, args.integrity_large = sizes
     if args.integrity_cycles < 1:
         parser.error("--integrity-cycles must be at least 1")
+    if min(args.shred_volumes, args.shred_cycles, args.shred_baseline) < 1:
+        parser.error("--shred-volumes, --shred-cycles and --shred-baseline must be at least 1")
     if args.cycles < 1:
         parser.error("--cycles must be at least 1")
     if args.concurrency_repeats < 1 or args.concurrency < 1:
         parser.error("--concurrency and --concurrency-repeats must be at least 1")
     return args
+
+
+def measured(results: dict[str, Any]) -> dict[str, Any]:
+    """When and where a phase ran (kept with its section when --only merges it)."""
+    env = results["environment"]
+    return {
+        "date": results["date"],
+        "kernel": env["kernel"],
+        "emulated": env["emulated"],
+        "cpus": env["cpus"],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             "volume_size": args.volume_size,
             "integrity_sizes": [args.integrity_small, args.integrity_large],
             "integrity_cycles": args.integrity_cycles,
+            "shred_volumes": args.shred_volumes,
+            "shred_size": args.shred_size,
+            "shred_cycles": args.shred_cycles,
+            "shred_baseline": args.shred_baseline,
+            "driver_log_level": args.driver_log_level,
             "phases": args.phases,
         },
         "environment": detect_environment(),
@@ -200,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"backing=qcow2 not measured: {qcow2_reason}")
         results["config"]["driver_qsd_socket"] = qsd is not None
         qsd_args = ["--qsd-socket", str(qsd.socket)] if qsd is not None else []
-        driver = BenchDriver(base, run_dir, driver_dir, "INFO", qsd_args)
+        driver = BenchDriver(base, run_dir, driver_dir, args.driver_log_level, qsd_args)
         say("starting the driver" + (" with --qsd-socket" if qsd_args else ""))
         driver.start()
         time.sleep(2)
@@ -242,12 +286,17 @@ def main(argv: list[str] | None = None) -> int:
                 args.integrity_cycles,
                 args.warmup,
             )
-            results["integrity"]["measured"] = {
-                "date": results["date"],
-                "kernel": env["kernel"],
-                "emulated": env["emulated"],
-                "cpus": env["cpus"],
-            }
+            results["integrity"]["measured"] = measured(results)
+        if "shred" in args.phases:
+            results["shred"] = shred_phase(
+                driver,
+                args.shred_volumes,
+                args.shred_size,
+                args.shred_cycles,
+                args.shred_baseline,
+                args.warmup,
+            )
+            results["shred"]["measured"] = measured(results)
     except Exception as exc:
         status = 1
         results["error"] = f"{type(exc).__name__}: {exc}"

@@ -42,10 +42,10 @@ def latency_phase(
 
 
 def run_all(
-    pods: list[str], action: Callable[[str], None], parallel: bool
+    pods: list[str], action: Callable[[str], None], parallel: bool, workers: int | None = None
 ) -> tuple[float, list[float], list[str]]:
-    """``action`` on every pod, in threads or one after another: wall time, each call's
-    latency, and the errors."""
+    """``action`` on every pod, in threads (``workers`` at a time, all at once by default) or
+    one after another: wall time, each call's latency, and the errors."""
     latencies: list[float] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -63,7 +63,7 @@ def run_all(
 
     start = time.perf_counter()
     if parallel:
-        with ThreadPoolExecutor(max_workers=len(pods)) as pool:
+        with ThreadPoolExecutor(max_workers=workers or len(pods)) as pool:
             list(pool.map(one, pods))
     else:
         for pod in pods:

@@ -32,6 +32,7 @@ GOAL_TITLES = {
     "integrity_2g_vs_256m": "integrity (hmac-sha256) publish p50, 2 GiB / 256 MiB",
     "fscrypt_publish_vs_bind_p50": "fscrypt publish p50 / mkdir + bind + remount",
     "luks_vs_fscrypt_publish_p50": "loop-LUKS publish p50 / fscrypt publish p50",
+    "shred_50_vs_unpublish_1": "shred of 50 live volumes (p50) / unpublish of one (p50)",
 }
 FSCRYPT_TITLES = {
     "fscrypt": "**backing=fscrypt** (driver via its socket)",
@@ -223,6 +224,7 @@ def render(results: dict[str, Any]) -> str:
 
     out += integrity_section(results)
     out += fscrypt_section(results)
+    out += shred_section(results)
 
     mem = results.get("memory")
     if mem or results.get("rss_idle_mib") is not None:
@@ -400,6 +402,69 @@ def fscrypt_section(results: dict[str, Any]) -> list[str]:
             "allocated), made by the first fscrypt publish, which ran before the recorded rounds.",
             "",
         ]
+    return out
+
+
+def shred_section(results: dict[str, Any]) -> list[str]:
+    sh = results.get("shred")
+    if not sh:
+        return []
+    s = results["summary"]
+    measured = sh.get("measured", {})
+    when = measured.get("date")
+    out = [
+        f"### Emergency shred: {sh.get('volumes')} live volumes against the unpublish of one "
+        f"({sh.get('size')} loop volumes, {sh.get('cycles')} cycles)",
+        "",
+    ]
+    if when and when != s.get("date"):
+        out += [
+            f"Measured on its own by `bench/run.py --only shred` on {when}, kernel "
+            f"{measured.get('kernel')}"
+            + (", under software emulation" if measured.get("emulated") else "")
+            + ".",
+            "",
+        ]
+    rows = []
+    for run in sh.get("runs", []):
+        w = run.get("writer", {})
+        outcomes = run.get("outcomes", {})
+        rows.append(
+            [
+                str(run.get("cycle")),
+                fmt(run.get("publish_wall_s"), 1),
+                fmt(run.get("seconds"), 3),
+                fmt(run.get("call_wall_s"), 3),
+                f"{outcomes.get('wiped', 0)} / {run.get('volumes')}",
+                f"{w.get('files_failed')} / {run.get('volumes')}",
+                fmt(run.get("unpublish_wall_s"), 1),
+                fmt(run.get("unpublish_p50_s"), 2),
+            ]
+        )
+    out += table(
+        ["cycle", f"publish {sh.get('volumes')} wall s", "shred s (driver)", "shred call wall s",
+         "wiped", "writer files failed", f"unpublish {sh.get('volumes')} wall s",
+         "unpublish p50 s (shredded)"],
+        rows,
+    )  # fmt: skip
+    one = sh.get("unpublish_1", {})
+    st = one.get("stats", {})
+    out += [
+        f"Shred of {sh.get('volumes')} live volumes / unpublish of one, p50: "
+        f"**{fmt(s.get('shred_50_vs_unpublish_1'), 2, 'x')}** (goal <= 2x): shred "
+        f"{fmt(sh.get('shred_p50_s'), 3)} s (the report's own seconds, trigger to last key gone; "
+        f"per cycle: {', '.join(fmt(x, 3) for x in sh.get('shred_seconds', []))}), unpublish "
+        f"of one {fmt(st.get('unpublish_p50_s'), 3)} s (p50 of {st.get('n')}, p95 "
+        f"{fmt(st.get('unpublish_p95_s'), 3)} s, {len(one.get('errors', []))} errors). "
+        f"With the wall time of the admin call instead: "
+        f"{fmt(s.get('shred_50_wall_vs_unpublish_1'), 2, 'x')} "
+        f"({fmt(sh.get('shred_call_wall_p50_s'), 3)} s).",
+        "",
+        f"Live: {sh.get('live')}. Every shred was checked complete (every volume `wiped`, the "
+        "node sealed, no crypt table left on any mapping of ours); every shredded volume was "
+        "then unpublished and the node unsealed.",
+        "",
+    ]
     return out
 
 

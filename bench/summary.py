@@ -10,7 +10,7 @@ from typing import Any
 
 from bench.common import ratio, say
 
-PHASES = ("latency", "concurrency", "footprint", "memory", "integrity", "fscrypt")
+PHASES = ("latency", "concurrency", "footprint", "memory", "integrity", "fscrypt", "shred")
 # Top-level results keys each phase writes (for --only, which merges them into an old file).
 PHASE_KEYS = {
     "latency": ("latency", "handrun_script", "datapath_baselines", "mkfs_default"),
@@ -27,6 +27,7 @@ GOAL_RSS_MAX_MIB = 80.0
 GOAL_INTEGRITY_MAX = 2.0  # integrity publish p50: 2 GiB / 256 MiB
 GOAL_FSCRYPT_BIND_MAX = 1.5  # fscrypt publish p50 / mkdir + bind + remount
 GOAL_LUKS_FSCRYPT_MIN = 20.0  # loop-LUKS publish p50 / fscrypt publish p50
+GOAL_SHRED_MAX = 2.0  # shred of 50 live volumes (p50 of the driver's seconds) / unpublish-1 p50
 
 
 def goal(value: float | None, target: float, at_most: bool, unit: str) -> dict[str, Any]:
@@ -59,6 +60,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         v = fs.get("flows", {}).get(flow, {}).get("stats", {}).get(f"{what}_p50_s")
         return float(v) if v is not None else None
 
+    shred = results.get("shred", {})
+    shred_one = shred.get("unpublish_1", {}).get("stats", {})
+
     summary: dict[str, Any] = {
         "publish_vs_handrun_p50": ratio(p50("ours"), p50("handrun")),
         "conventional_vs_ours_p50": ratio(p50("conventional"), p50("ours")),
@@ -89,6 +93,14 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "fscrypt_unpublish_p50_s": fs_p50("fscrypt", "unpublish"),
         "bind_floor_publish_p50_s": fs_p50("bind_floor"),
         "luks_publish_p50_s": fs_p50("luks"),
+        # emergency shred of N (50) live volumes against NodeUnpublishVolume of one
+        "shred_50_vs_unpublish_1": shred.get("shred_vs_unpublish_1_p50"),
+        "shred_50_wall_vs_unpublish_1": shred.get("shred_wall_vs_unpublish_1_p50"),
+        "shred_volumes": shred.get("volumes"),
+        "shred_p50_s": shred.get("shred_p50_s"),
+        "shred_seconds": shred.get("shred_seconds"),
+        "shred_call_wall_p50_s": shred.get("shred_call_wall_p50_s"),
+        "unpublish_1_p50_s": shred_one.get("unpublish_p50_s"),
         "kernel": env["kernel"],
         "emulated": env["emulated"],
         "date": results["date"],
@@ -114,6 +126,9 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
         "luks_vs_fscrypt_publish_p50": goal(
             summary["luks_vs_fscrypt_publish_p50"], GOAL_LUKS_FSCRYPT_MIN, False, "x"
         ),
+        "shred_50_vs_unpublish_1": goal(
+            summary["shred_50_vs_unpublish_1"], GOAL_SHRED_MAX, True, "x"
+        ),
     }
     if conc and conc.get("errors"):
         summary["goals"]["concurrency_speedup_16"]["met"] = False  # zero errors is part of it
@@ -122,6 +137,8 @@ def summarise(results: dict[str, Any]) -> dict[str, Any]:
     if fs and (fs.get("errors") or fs.get("unavailable")):
         for key in ("fscrypt_publish_vs_bind_p50", "luks_vs_fscrypt_publish_p50"):
             summary["goals"][key]["met"] = False  # every cycle of every flow must work
+    if shred and shred.get("errors"):
+        summary["goals"]["shred_50_vs_unpublish_1"]["met"] = False  # every baseline cycle too
     return summary
 
 
@@ -141,6 +158,9 @@ def merged(path: Path, fresh: dict[str, Any], phases: Sequence[str]) -> dict[str
     config = dict(old.get("config", {}))
     for key in ("integrity_sizes", "integrity_cycles"):
         if "integrity" in phases:
+            config[key] = fresh["config"][key]
+    for key in ("shred_volumes", "shred_size", "shred_cycles", "shred_baseline"):
+        if "shred" in phases:
             config[key] = fresh["config"][key]
     config["phases"] = sorted(set(config.get("phases", [])) | set(phases), key=PHASES.index)
     config.setdefault("merged_runs", []).append(
@@ -205,6 +225,20 @@ def notes(results: dict[str, Any]) -> list[str]:
                 "per flow, interleaved; one fscrypt cycle ran first on its own (it makes and "
                 "mounts the driver's pool when needed). Step times are each publish's own."
             )
+    shred = results.get("shred")
+    if shred:
+        when = shred.get("measured", {}).get("date")
+        out.append(
+            f"Shred: {shred.get('cycles')} cycles of `shred --all` (admin socket) over "
+            f"{shred.get('volumes')} live {shred.get('size')} loop volumes ({shred.get('live')}); "
+            "the figure is the report's seconds (trigger to last key gone, timed in the "
+            "driver), each cycle verified complete (every volume wiped, no crypt table left), "
+            f"then all unpublished and the node unsealed. Baseline: "
+            f"{shred.get('baseline_per_round')} NodeUnpublishVolume calls of one live volume "
+            "of the same size per cycle, the order rotated each round"
+            + (f", measured {when}" if when and when != results.get("date") else "")
+            + "."
+        )
     foot = results.get("footprint")
     if foot:
         q = foot.get("qcow2")
