@@ -191,7 +191,7 @@ def test_an_open_fscrypt_file_is_reported_incomplete_then_finished(driver: Drive
         holder.close()
     code, answer = cli(d, "shred", "--all")  # the file is closed: the removal can finish
     assert code == 0, answer
-    assert answer["report"]["volumes"][0]["outcome"] in ("wiped", "no_key"), answer
+    assert answer["report"]["volumes"][0]["outcome"] in ("wiped", "no_key"), answer  # type: ignore[index]
     assert "closed" not in os.listdir(target)  # locked: names garbled
     d.unpublish("pod-f")
     assert not os.path.exists(os.path.join(d.data_dir, "fscrypt", d.names("pod-f").digest))
