@@ -366,8 +366,11 @@ class FscryptBacking(Backing):
                          "key removed for all users" if present else "key absent already")
         if removal.files_busy:
             users = self.host.files_open_in(self.root, self.host.dir_project(path))
-            return Wiped(INCOMPLETE, "key removed, but files still open keep their per-file "
-                                     f"keys until closed: {', '.join(users) or 'open files'}")
+            return Wiped(INCOMPLETE, "key removed, but inodes still in use keep their per-file "
+                                     "keys until released: the volume's directory while its "
+                                     "bind mount stands (unpublish finishes the removal)"
+                                     + (f", and files held open by {', '.join(users)}"
+                                        if users else ""))
         return Wiped(INCOMPLETE, f"key is {removal.status.replace('_', ' ')}: other users "
                                  "still hold it")
 
