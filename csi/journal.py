@@ -31,6 +31,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from csi.backings.luks import MAPPING_PREFIX
 from csi.errors import DriverError, FailedPrecondition, Internal, ResourceExhausted
 from csi.params import VolumeSpec
+from csi.statefiles import write_all
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +336,7 @@ class Journal:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
-                _write_all(fd, data)
+                write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -525,16 +526,6 @@ def _read_at_most(fd: int, limit: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    """os.write may write less than asked (a signal, a full device): go on until all is out."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:  # pragma: no cover - a regular file either writes or raises
-            raise OSError(errno.EIO, "write made no progress")
-        view = view[written:]
 
 
 def _fsync_dir(path: str) -> None:

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from csi.errors import Unavailable
+from csi.statefiles import read_bounded, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,11 @@ class Seal:
     # the file ------------------------------------------------------------------------------
     def _load(self) -> SealState | None:
         try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
+            raw = read_bounded(self.path, MAX_SEAL_BYTES)
         except OSError as exc:
             return self._unreadable(exc.strerror or str(exc))
-        try:
-            raw = os.read(fd, MAX_SEAL_BYTES + 1)
-        finally:
-            os.close(fd)
+        if raw is None:
+            return None
         if len(raw) > MAX_SEAL_BYTES:
             return self._unreadable(f"more than {MAX_SEAL_BYTES} bytes")
         try:
@@ -133,19 +130,5 @@ class Seal:
         data = json.dumps({"since": state.since, "trigger": state.trigger,
                            "annotation": state.annotation,
                            "shredded": list(state.shredded)}).encode()  # fmt: skip
-        directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-        temp = f"{self.path}.tmp"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                     0o600)  # fmt: skip
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, self.path)
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        write_atomically(self.path, data)

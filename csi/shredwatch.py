@@ -20,7 +20,6 @@ not read as "annotation removed".
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -31,7 +30,12 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Protocol
 
 from csi.kube import KubeError, NodeEvent, WatchExpired
-from csi.seal import ANNOTATION as ANNOTATION  # re-exported: the watch is where it is read
+from csi.seal import ANNOTATION as ANNOTATION
+from csi.statefiles import (  # re-exported: the watch is where it is read
+    fsync_dir,
+    read_bounded,
+    write_atomically,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +202,12 @@ class NodeShredWatch:
 
     def _load(self) -> str | None:
         try:
-            with open(self.path, "rb") as f:
-                data = f.read(MAX_STATE_BYTES + 1)
-        except FileNotFoundError:
-            return None
+            data = read_bounded(self.path, MAX_STATE_BYTES)
         except OSError as exc:
             log.warning("cannot read %s (%s): no shred annotation counts as handled", self.path,
                         exc)  # fmt: skip
+            return None
+        if data is None:
             return None
         try:
             if len(data) > MAX_STATE_BYTES:
@@ -223,22 +226,9 @@ class NodeShredWatch:
         shred is done; at worst a restart repeats it."""
         self._handled, self._loaded = handled, True
         data = json.dumps({"sha256": handled, "value": shown(value)}).encode()
-        tmp = f"{self.path}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            try:
-                os.fchmod(fd, 0o600)  # O_CREAT's mode does not apply to a leftover temp file
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
-            self._fsync_dir()
+            write_atomically(self.path, data)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             log.warning("cannot record the handled shred annotation in %s: %s (a restart will "
                         "shred again)", self.path, exc)  # fmt: skip
 
@@ -246,18 +236,11 @@ class NodeShredWatch:
         self._handled, self._loaded = None, True
         try:
             os.unlink(self.path)
-            self._fsync_dir()
+            fsync_dir(self.path)
         except FileNotFoundError:
             pass
         except OSError as exc:
             log.warning("cannot remove %s: %s", self.path, exc)
-
-    def _fsync_dir(self) -> None:
-        dir_fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     # background loop ---------------------------------------------------------------------
     def start(self) -> None:
