@@ -148,7 +148,8 @@ class Shredder:
         then objects no record names."""
         groups: dict[int, tuple[Backing, list[Record]]] = {}
         for record in records:
-            if done.get(record.volume_id, _NONE).outcome in FINAL:
+            earlier = done.get(record.volume_id)
+            if earlier is not None and earlier.outcome in FINAL:
                 continue  # no_key is asked again: a running publish may have made one since
             backing = self.volumes.backing_of(record.spec)
             groups.setdefault(id(backing), (backing, []))[1].append(record)
@@ -163,11 +164,11 @@ class Shredder:
                 done[record.volume_id] = VolumeWipe(record.volume_id, record.spec.backing,
                                                     result.outcome, result.detail)  # fmt: skip
         if unrecorded:
-            self._unrecorded(done)
+            self._unrecorded(records, done)
 
-    def _unrecorded(self, done: dict[str, VolumeWipe]) -> None:
+    def _unrecorded(self, records: list[Record], done: dict[str, VolumeWipe]) -> None:
         # an unreadable record's digest is not known here: its volume's key is wiped too
-        known = {self.volumes.names(r.volume_id).digest for r in self.volumes.journal.all()}
+        known = {self.volumes.names(r.volume_id).digest for r in records}
         seen: set[int] = set()
         for backing in self.volumes.backings.values():
             if id(backing) in seen:
@@ -189,5 +190,3 @@ class Shredder:
                 extra={"fields": {"volumes": [r.__dict__ for r in report.results]}})  # fmt: skip
         self.events.shred_done(report)
 
-
-_NONE = VolumeWipe("", "", "", "")

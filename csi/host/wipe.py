@@ -64,7 +64,7 @@ class KeyWiper:
             else:
                 todo.append(name)
         if todo:
-            self._shut_down_filesystems(todo)
+            self._shut_down_filesystems({name: present[name] for name in todo})
             self._wipe_tables(todo)
             after = self.tables()
             for name in todo:
@@ -93,15 +93,14 @@ class KeyWiper:
             except CommandFailed as exc:
                 log.error("cannot wipe the table of %s: %s", name, exc)
 
-    def _shut_down_filesystems(self, names: list[str]) -> None:
-        """Shut down each filesystem mounted from one of the mappings, found by device number
-        in mountinfo (one superblock: its first visible mount is enough)."""
+    def _shut_down_filesystems(self, knames: dict[str, str]) -> None:
+        """Shut down each filesystem mounted from one of the mappings (name -> dm-N), found by
+        device number in mountinfo (one superblock: its first visible mount is enough)."""
         devices: dict[str, str] = {}
-        for name in names:
-            directory = self.host._dm_dir(name)
-            if directory is not None:
-                with contextlib.suppress(OSError):
-                    devices[self.host._dm_dev(directory)[0]] = name
+        for name, kname in knames.items():
+            with contextlib.suppress(OSError):
+                directory = os.path.join(self.host.sysfs, "block", kname)
+                devices[self.host._dm_dev(directory)[0]] = name
         done: set[str] = set()
         for entry in self.host._mounts():
             if entry.dev in devices and entry.dev not in done and shut_down(entry.point, entry.dev):
