@@ -109,18 +109,23 @@ class AdminServer:
                 conn.sendall(json.dumps(answer).encode() + b"\n")
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
-        command = request.get("command")
-        handler = self.handlers.get(command) if isinstance(command, str) else None
-        if handler is None:
-            return {"error": "INVALID_ARGUMENT",
-                    "message": f"unknown command; known: {', '.join(sorted(self.handlers))}"}
-        try:
-            return handler(request)
-        except DriverError as exc:
-            return {"error": status_code_name(exc), "message": str(exc)}
-        except Exception as exc:
-            log.exception("admin command %s failed", command)
-            return {"error": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}
+        return dispatch(self.handlers, request)
+
+
+def dispatch(handlers: dict[str, Handler], request: dict[str, Any]) -> dict[str, Any]:
+    """The answer to one request, errors included (the CLI acting alone answers the same way)."""
+    command = request.get("command")
+    handler = handlers.get(command) if isinstance(command, str) else None
+    if handler is None:
+        return {"error": "INVALID_ARGUMENT",
+                "message": f"unknown command; known: {', '.join(sorted(handlers))}"}
+    try:
+        return handler(request)
+    except DriverError as exc:
+        return {"error": status_code_name(exc), "message": str(exc)}
+    except Exception as exc:
+        log.exception("admin command %s failed", command)
+        return {"error": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}
 
 
 def _read_request(conn: socket.socket) -> dict[str, Any]:

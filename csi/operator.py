@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from csi import admin
-from csi.admin import AdminServer, AdminUnavailable, Handler
+from csi.admin import AdminUnavailable, Handler
 from csi.config import Config
 from csi.errors import InvalidArgument
 from csi.host import NodeHost
@@ -60,7 +60,7 @@ def send(config: Config, request: dict[str, Any], host: NodeHost) -> dict[str, A
             with state_dir_lock(config.state_dir).acquire(0.0):
                 log.info("no driver runs on %s: acting alone", config.state_dir)
                 shredder = Shredder(Volumes(config, host))
-                return AdminServer(config.state_dir, handlers(shredder)).answer(request)
+                return admin.dispatch(handlers(shredder), request)
         except LockHeld as held:
             return {"error": "UNAVAILABLE", "exit": EXIT_NO_DRIVER,
                     "message": f"{unreachable}, and {held}: is the driver hung?"}
