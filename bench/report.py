@@ -278,26 +278,32 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def measured_alone(results: dict[str, Any], section: dict[str, Any], phase: str) -> list[str]:
+    """A line saying when ``phase`` was measured, if that was a run of its own (``--only``)."""
+    measured = section.get("measured", {})
+    when = measured.get("date")
+    if not when or when == results["summary"].get("date"):
+        return []
+    return [
+        f"Measured on its own by `bench/run.py --only {phase}` on {when}, kernel "
+        f"{measured.get('kernel')}"
+        + (", under software emulation" if measured.get("emulated") else "")
+        + ".",
+        "",
+    ]
+
+
 def integrity_section(results: dict[str, Any]) -> list[str]:
     integ = results.get("integrity")
     if not integ:
         return []
     s = results["summary"]
-    measured = integ.get("measured", {})
-    when = measured.get("date")
     out = [
         f"### Integrity: publish cost against size ({integ.get('fs_type', 'ext4')}, "
         f"{integ.get('cycles')} cycles per flow, interleaved)",
         "",
     ]
-    if when and when != s.get("date"):
-        out += [
-            f"Measured on its own by `bench/run.py --only integrity` on {when}, kernel "
-            f"{measured.get('kernel')}"
-            + (", under software emulation" if measured.get("emulated") else "")
-            + ".",
-            "",
-        ]
+    out += measured_alone(results, integ, "integrity")
     rows = []
     for name, flow in integ.get("flows", {}).items():
         st = flow.get("stats", {})
@@ -410,21 +416,12 @@ def shred_section(results: dict[str, Any]) -> list[str]:
     if not sh:
         return []
     s = results["summary"]
-    measured = sh.get("measured", {})
-    when = measured.get("date")
     out = [
         f"### Emergency shred: {sh.get('volumes')} live volumes against the unpublish of one "
         f"({sh.get('size')} loop volumes, {sh.get('cycles')} cycles)",
         "",
     ]
-    if when and when != s.get("date"):
-        out += [
-            f"Measured on its own by `bench/run.py --only shred` on {when}, kernel "
-            f"{measured.get('kernel')}"
-            + (", under software emulation" if measured.get("emulated") else "")
-            + ".",
-            "",
-        ]
+    out += measured_alone(results, sh, "shred")
     rows = []
     for run in sh.get("runs", []):
         w = run.get("writer", {})
