@@ -156,8 +156,12 @@ def mounts(container: Obj) -> dict[str, str]:
 
 def render(helm: Path, *settings: str) -> list[Obj]:
     """The chart with ``--set`` settings; every object checked against the Kubernetes schema."""
-    sets = [arg for setting in settings for arg in ("--set", setting)]
-    done = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *sets)
+    return render_args(helm, *[arg for setting in settings for arg in ("--set", setting)])
+
+
+def render_args(helm: Path, *args: str) -> list[Obj]:
+    """The chart with raw ``helm template`` arguments (``--set-json`` ...), checked the same."""
+    done = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *args)
     assert done.returncode == 0, done.stderr
     objects = parse(done.stdout)
     for obj in objects:

@@ -7,37 +7,24 @@ import argparse
 import json
 from pathlib import Path
 
-import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 
 from csi.config import Config, add_flags, from_args
 from csi.limits import Limit
 from tests.unit.test_chart import (  # noqa: F401  (helm is a fixture)
     CHART,
-    CRD_KINDS,
-    K8S_VERSION,
     NAMESPACE,
     RELEASE,
     Obj,
     containers,
     helm,
-    parse,
     run_helm,
 )
+from tests.unit.test_chart import render_args as render
 
 GiB = 1024**3
 TiB = 1024**4
 LIMIT_ENV = ("NAMESPACE_MAX_BYTES", "NAMESPACE_MAX_VOLUMES", "NAMESPACE_LIMITS")
-
-
-def render(helm: Path, *args: str) -> list[Obj]:  # noqa: F811
-    done = run_helm(helm, "template", RELEASE, str(CHART), "-n", NAMESPACE, *args)
-    assert done.returncode == 0, done.stderr
-    objects = parse(done.stdout)
-    for obj in objects:
-        if obj["kind"] not in CRD_KINDS:
-            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
-    return objects
 
 
 def driver_env(objects: list[Obj]) -> dict[str, str]:
