@@ -169,15 +169,14 @@ class Shredder:
     def _unrecorded(self, records: list[Record], done: dict[str, VolumeWipe]) -> None:
         # an unreadable record's digest is not known here: its volume's key is wiped too
         known = {self.volumes.names(r.volume_id).digest for r in records}
-        seen: set[int] = set()
-        for backing in self.volumes.backings.values():
-            if id(backing) in seen:
-                continue
-            seen.add(id(backing))
+        # the dm-crypt mappings the LUKS backings share are swept once, as start-up does
+        sweeps = [("dm-crypt", self.volumes.luks.wipe_unrecorded)]
+        sweeps += [(b.name, b.wipe_unrecorded) for b in self.volumes.backings.values()]
+        for what, sweep in sweeps:
             try:
-                stray = backing.wipe_unrecorded(known)
+                stray = sweep(known)
             except DriverError as exc:
-                stray = {f"({backing.name}: objects without a record)": Wiped(FAILED, str(exc))}
+                stray = {f"({what}: objects without a record)": Wiped(FAILED, str(exc))}
             for label, result in stray.items():
                 earlier = done.get(label)
                 if earlier is None or earlier.outcome not in COMPLETE_OUTCOMES:

@@ -350,8 +350,8 @@ class FscryptBacking(Backing):
 
     def wipe_key(self, names: Names, spec: VolumeSpec) -> Wiped:
         """Remove the key now, even under a live bind: new opens fail with ENOKEY; files
-        still open keep their per-file keys until closed (reported as incomplete; a repeat
-        finishes the removal once they are closed)."""
+        still open, and the directory its bind mount pins, keep their per-file keys until
+        released (reported as incomplete; unpublish finishes the removal)."""
         del spec
         return self._wipe_dir(self.directory(names))
 

@@ -288,5 +288,3 @@ class LuksFileBacking(Backing):
             return {names.volume_id: Wiped(FAILED, str(exc)) for names, _ in volumes}
         return {names.volume_id: by_mapping[names.mapping] for names, _ in volumes}
 
-    def wipe_unrecorded(self, known: set[str]) -> dict[str, Wiped]:
-        return self.luks.wipe_unrecorded(known)
