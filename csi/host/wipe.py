@@ -108,7 +108,8 @@ class KeyWiper:
 
     def _drop_buffers(self, name: str) -> None:
         with contextlib.suppress(OSError):
-            fd = os.open(f"/dev/mapper/{name}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            device = os.path.join(self.host.dev, "mapper", name)
+            fd = os.open(device, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
             try:
                 fcntl.ioctl(fd, BLKFLSBUF)
             finally:
