@@ -7,6 +7,8 @@ Without those, they skip with a reason; under CI=true a missing kernel feature i
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import json
 import os
 import shutil
@@ -175,6 +177,42 @@ def crypt_mappings() -> list[str]:
 def loops_on(directory: Path) -> list[str]:
     return [line for line in sh("losetup", "--list", "--noheadings", "-O", "NAME,BACK-FILE")
             .splitlines() if str(directory) in line]  # fmt: skip
+
+
+def mount_fields(path: Path | str) -> list[str] | None:
+    """The visible (last) mountinfo line at ``path``, split."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(path):
+                found = fields
+    return found
+
+
+def loops_of(image: Path) -> list[str]:
+    """Loop devices whose backing file is ``image`` (sysfs)."""
+    found = []
+    for entry in glob.glob("/sys/block/loop*/loop/backing_file"):
+        with contextlib.suppress(OSError):
+            if Path(entry).read_text().strip() == str(image):
+                found.append("/dev/" + entry.split("/")[3])
+    return found
+
+
+def release_pool(data_dir: Path) -> None:
+    """Unmount the driver's pool (and whatever is still bound from it) and detach its loop."""
+    root, image = data_dir / "fscrypt", data_dir / "fscrypt.pool"
+    fields = mount_fields(root)
+    if fields is not None:
+        device = fields[2]
+        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
+            parts = line.split()
+            if parts[2] == device and parts[4] != str(root):
+                sh("umount", "-l", parts[4], check=False)
+        sh("umount", str(root), check=False)
+    for loop in loops_of(image):
+        sh("losetup", "-d", loop, check=False)
 
 
 def cryptsetup_keys() -> list[str]:

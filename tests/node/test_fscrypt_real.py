@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import glob
 import hashlib
 import json
 import os
@@ -40,7 +39,17 @@ import pytest
 from csi.host.linux import LinuxHost
 from csi.proto import csi_pb2 as pb
 from csi.tools.kubelet import Kubelet
-from tests.node.conftest import Driver, SmallFs, mountpoints, names_of, rpc_code, sh
+from tests.node.conftest import (
+    Driver,
+    SmallFs,
+    loops_of,
+    mount_fields,
+    mountpoints,
+    names_of,
+    release_pool,
+    rpc_code,
+    sh,
+)
 
 MiB = 1024**2
 NODE = "node-test"
@@ -99,31 +108,10 @@ def key_status(root: Path, identifier: str) -> int:
     return status
 
 
-def mount_fields(path: Path | str) -> list[str] | None:
-    """The visible (last) mountinfo line at ``path``, split."""
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == str(path):
-                found = fields
-    return found
-
-
 def options_of(path: Path | str) -> set[str]:
     fields = mount_fields(path)
     assert fields is not None, f"{path} is not a mount point"
     return set(fields[5].split(","))
-
-
-def loops_of(image: Path) -> list[str]:
-    """Loop devices whose backing file is ``image`` (sysfs)."""
-    found = []
-    for entry in glob.glob("/sys/block/loop*/loop/backing_file"):
-        with contextlib.suppress(OSError):
-            if Path(entry).read_text().strip() == str(image):
-                found.append("/dev/" + entry.split("/")[3])
-    return found
 
 
 def drop_caches() -> None:
@@ -304,21 +292,6 @@ def fscrypt_leftovers(
         if target in points:
             found.append(f"mount {target}")
     return found
-
-
-def release_pool(data_dir: Path) -> None:
-    """Unmount the driver's pool (and whatever is still bound from it) and detach its loop."""
-    root, image = data_dir / "fscrypt", data_dir / "fscrypt.pool"
-    fields = mount_fields(root)
-    if fields is not None:
-        device = fields[2]
-        for line in reversed(Path("/proc/self/mountinfo").read_text().splitlines()):
-            parts = line.split()
-            if parts[2] == device and parts[4] != str(root):
-                sh("umount", "-l", parts[4], check=False)
-        sh("umount", str(root), check=False)
-    for loop in loops_of(image):
-        sh("losetup", "-d", loop, check=False)
 
 
 # --- fixtures -------------------------------------------------------------------------------

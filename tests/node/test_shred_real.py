@@ -23,7 +23,7 @@ import pytest
 
 from csi.seal import ANNOTATION
 from csi.tools.kubelet import Kubelet
-from tests.node.conftest import Driver, SmallFs, rpc_code, sh
+from tests.node.conftest import Driver, SmallFs, release_pool, rpc_code, sh
 from tests.unit.metrics_harness import FakeApiServer
 
 MARKER = b"SHRED-PLAINTEXT-MARKER-7d1e"
@@ -42,9 +42,19 @@ while True:
 """
 
 
+@pytest.fixture(scope="module")
+def shred_data(base: Path) -> Iterator[SmallFs]:
+    """A data dir of this module's own: the fscrypt test makes the driver mount its pool there,
+    and the pool (a loop device) must go with the module, not stay for the next one."""
+    fs = SmallFs(base, "shred-data", 4 * 1024)
+    yield fs
+    release_pool(fs.mountpoint)
+    fs.close()
+
+
 @pytest.fixture
-def driver(base: Path, data_fs: SmallFs) -> Iterator[Driver]:
-    d = Driver(base, data_fs.mountpoint, "--metrics-address", "", mode="all")
+def driver(base: Path, shred_data: SmallFs) -> Iterator[Driver]:
+    d = Driver(base, shred_data.mountpoint, "--metrics-address", "", mode="all")
     d.start()
     yield d
     d.stop(60)
