@@ -32,12 +32,11 @@ import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench.common import HOST, BenchError, percentile, r4, ratio, say
+from bench.common import HOST, BenchError, percentile, r4, ratio, say, sh
 from bench.flows import Ours, Publish, Timer, flow_stats
 from bench.phases import run_all
 from bench.processes import BenchDriver
 from csi import admin
-from csi.host.wipe import KeyWiper
 from csi.tools.kubelet import Kubelet
 
 PARALLEL = 8  # publishes and unpublishes in flight at once, as the memory phase does
@@ -166,6 +165,17 @@ def shred_problems(
     return problems
 
 
+def parse_tables(out: str) -> dict[str, list[str]]:
+    """``dmsetup table`` of every device -> name -> target types, in table order."""
+    tables: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        name, sep, rest = line.partition(": ")
+        fields = rest.split()
+        if sep and len(fields) >= 3:
+            tables.setdefault(name, []).append(fields[2])
+    return tables
+
+
 def count_targets(mappings: Sequence[str], tables: Mapping[str, Sequence[str]]) -> dict[str, int]:
     """Target types of our mappings' tables (``gone`` for a mapping no longer there)."""
     out: dict[str, int] = {}
@@ -224,7 +234,7 @@ def shred_cycle(driver: BenchDriver, n: int, size: str, index: int) -> dict[str,
         answer = admin.call(str(driver.state_dir), {"command": "shred", "volume": None},
                             timeout=SHRED_TIMEOUT)  # fmt: skip
         cycle["call_wall_s"] = r4(time.perf_counter() - start)
-        tables = KeyWiper(HOST).tables()
+        tables = parse_tables(sh(["dmsetup", "table"]))  # dmsetup's word, not the driver's
         cycle["driver_log"] = log_lines(driver, log_from)
         problems = shred_problems(answer, volume_ids, mappings, tables)
         report = answer.get("report") or {}

@@ -114,18 +114,6 @@ def dmsetup_open_count(name: str) -> list[str]:
     return argv
 
 
-def dmsetup_tables() -> list[str]:
-    """Every device's table, keys hidden: "name: start length type args" lines."""
-    return ["dmsetup", "table"]
-
-
-def dmsetup_wipe_tables(names: list[str]) -> list[str]:
-    """Replace each table by an error target without freezing or flushing (the key goes now;
-    nothing more is to be written through it), and without waiting for udev (no device node
-    changes: 50 mappings took 15 s with udev sync and 3 s without, in the TCG VM)."""
-    return ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", *names]
-
-
 def dmsetup_remove(name: str) -> list[str]:
     argv = ["dmsetup", "remove", "--retry", name]
     return argv

@@ -39,11 +39,12 @@ from csi.host import commands as cmd
 from csi.host.commands import EXT4_GROUP_BYTES as EXT4_GROUP_BYTES  # re-export (tests)
 from csi.host.commands import FORMAT_TIMEOUT, GROW_TIMEOUT
 from csi.host.commands import unwiped_prefill as unwiped_prefill  # re-export (tests)
+from csi.host.dm import DeviceMapper
 from csi.host.fscrypt import FscryptHost
 from csi.host.kata import KataHost
 from csi.host.nbd import Qcow2Nbd
 from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, Runner, run
-from csi.host.wipe import WIPED_TARGET, KeyWiper
+from csi.host.wipe import KeyWiper
 from csi.keys import VolumeKey
 
 INTEGRITY_SUFFIX = "_dif"  # cryptsetup's name for the dm-integrity mapping under ours
@@ -150,13 +151,16 @@ class LinuxHost:
         runner: Runner | None = None,
         proc: str = "/proc",
         dev: str = "/dev",
+        dm: DeviceMapper | None = None,
     ) -> None:
         """``runner`` runs every command (``None``: ``csi.host.runner.run``, looked up in this
         module at each call so a test may patch ``csi.host.linux.run``); ``sysfs``, ``proc``
-        and ``dev`` are where the kernel's tables are read (a fixture tree in tests)."""
+        and ``dev`` are where the kernel's tables are read (a fixture tree in tests); ``dm``
+        makes the device-mapper ioctls (a scripted kernel in tests)."""
         self.sysfs = sysfs
         self.proc = proc
         self.dev = dev
+        self.dm = dm or DeviceMapper(dev)
         self.qcow2 = qcow2
         self._runner = runner
 
@@ -394,7 +398,7 @@ class LinuxHost:
                 raise Busy(f"mapping {name} is still in use; it stays open") from None
             if not self.crypt_exists(name):
                 return
-            if KeyWiper(self).tables().get(name) != [WIPED_TARGET]:
+            if not KeyWiper(self).wiped(name):
                 raise
             self._remove_wiped(name)
 

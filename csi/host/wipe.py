@@ -1,26 +1,28 @@
 """The emergency key wipe of dm-crypt mappings: under live mounts, many at once, fast.
 
-Each mapping's table is replaced by an ``error`` target (``dmsetup wipe_table``): dm-crypt's
-destructor zeroes the key as it frees it, so the key leaves kernel memory at once, and every
-later I/O fails with EIO instead of blocking (``cryptsetup luksSuspend`` also wipes the key but
-parks I/O forever, and an unmount of a suspended device hangs). A filesystem on the mapping is
-first shut down (``FS_IOC_SHUTDOWN``, no log flush): its page cache still holds plaintext, and
-after the shutdown even cached reads fail; the block device's own cache is dropped afterwards
-(``BLKFLSBUF``). One ``dmsetup`` process wipes every mapping, one more lists the tables to
-prove it: the cost does not grow with a process per volume.
+Each mapping's table is replaced by an ``error`` target (a table load and a resume without
+flush or freeze, ``csi.host.dm``): dm-crypt's destructor zeroes the key as it frees its old
+table, so the key leaves kernel memory at once, and every later I/O fails with EIO instead of
+blocking (``cryptsetup luksSuspend`` also wipes the key but parks I/O forever, and an unmount
+of a suspended device hangs). A filesystem on the mapping is first shut down
+(``FS_IOC_SHUTDOWN``, no log flush): its page cache still holds plaintext, and after the
+shutdown even cached reads fail; the block device's own cache is dropped afterwards
+(``BLKFLSBUF``). Every step is an ioctl from this process, the shutdowns a few at once (each
+writes its journal's superblock): no process per volume, no ``dmsetup`` at all.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from csi.host import KeyWipe
-from csi.host import commands as cmd
-from csi.host.runner import CommandFailed
+from csi.host.dm import Table
 
 if TYPE_CHECKING:
     from csi.host.linux import LinuxHost
@@ -31,80 +33,94 @@ FS_IOC_SHUTDOWN = 0x8004587D  # _IOR('X', 125, __u32): ext4 and xfs
 SHUTDOWN_NOLOGFLUSH = 2  # EXT4_GOING_FLAGS_NOLOGFLUSH == XFS_FSOP_GOING_FLAGS_NOLOGFLUSH
 BLKFLSBUF = 0x1261  # _IO(0x12, 97)
 WIPED_TARGET = "error"
-
-
-def parse_tables(out: str) -> dict[str, list[str]]:
-    """``dmsetup table`` of every device -> name -> target types, in table order."""
-    tables: dict[str, list[str]] = {}
-    for line in out.splitlines():
-        name, sep, rest = line.partition(": ")
-        fields = rest.split()
-        if sep and len(fields) >= 3:
-            tables.setdefault(name, []).append(fields[2])
-    return tables
+SHUTDOWN_WORKERS = 8  # shutdowns at once: each mostly waits for one journal write
 
 
 class KeyWiper:
     def __init__(self, host: LinuxHost) -> None:
         self.host = host
+        self.dm = host.dm
 
-    def tables(self) -> dict[str, list[str]]:
-        return parse_tables(self.host.runner(cmd.dmsetup_tables()))
+    def wiped(self, name: str) -> bool:
+        """Whether the mapping's table is an error target now (a wiped key)."""
+        try:
+            fd = self.dm.open()
+        except OSError:
+            return False
+        try:
+            return self.dm.table(fd, name).kinds == [WIPED_TARGET]
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def wipe(self, names: list[str]) -> list[KeyWipe]:
         present = self.host._dm_names()
-        tables = self.tables() if any(n in present for n in names) else {}
-        results: dict[str, KeyWipe] = {}
-        todo = []
-        for name in names:
-            if name not in present:
-                results[name] = KeyWipe(name, "no_key", "no mapping")
-            elif tables.get(name) == [WIPED_TARGET]:
-                results[name] = KeyWipe(name, "no_key", "already wiped (error table)")
-            else:
-                todo.append(name)
-        if todo:
-            self._shut_down_filesystems({name: present[name] for name in todo})
-            self._wipe_tables(todo)
-            after = self.tables()
-            for name in todo:
-                if after.get(name) == [WIPED_TARGET]:
-                    self._drop_buffers(name)
-                    results[name] = KeyWipe(name, "wiped", "table replaced by an error target")
-                elif name not in self.host._dm_names():
-                    results[name] = KeyWipe(name, "no_key", "mapping removed meanwhile")
-                else:
-                    results[name] = KeyWipe(
-                        name, "failed", f"table is still {' '.join(after.get(name, ['?']))}"
-                    )
+        results: dict[str, KeyWipe] = {n: KeyWipe(n, "no_key", "no mapping")
+                                       for n in names if n not in present}  # fmt: skip
+        if len(results) == len(names):
+            return [results[n] for n in names]
+        fd = self.dm.open()
+        try:
+            tables: dict[str, Table] = {}
+            for name in names:
+                if name in results:
+                    continue
+                try:
+                    tables[name] = self.dm.table(fd, name)
+                except OSError as exc:
+                    results[name] = self._gone_or_failed(name, "cannot read its table", exc)
+                    continue
+                if tables[name].kinds == [WIPED_TARGET]:
+                    results[name] = KeyWipe(name, "no_key", "already wiped (error table)")
+                    del tables[name]
+            if tables:
+                self._shut_down_filesystems({name: present[name] for name in tables})
+            for name, table in tables.items():
+                results[name] = self._wipe_one(fd, name, table)
+        finally:
+            os.close(fd)
         return [results[n] for n in names]
 
-    def _wipe_tables(self, names: list[str]) -> None:
-        """One process for all; if it fails (e.g. one mapping vanished meanwhile), one each,
-        so one bad mapping never keeps the others' keys in the kernel."""
+    def _wipe_one(self, fd: int, name: str, table: Table) -> KeyWipe:
+        """Swap in the error table, then read the table back to prove it (one bad mapping
+        never keeps the others' keys in the kernel: each is on its own)."""
         try:
-            self.host.runner(cmd.dmsetup_wipe_tables(names))
-            return
-        except CommandFailed as exc:
-            log.warning("batched wipe_table failed, wiping one at a time: %s", exc)
-        for name in names:
-            try:
-                self.host.runner(cmd.dmsetup_wipe_tables([name]))
-            except CommandFailed as exc:
-                log.error("cannot wipe the table of %s: %s", name, exc)
+            self.dm.wipe(fd, name, table)
+        except OSError as exc:
+            return self._gone_or_failed(name, "cannot wipe its table", exc)
+        try:
+            after = self.dm.table(fd, name).kinds
+        except OSError as exc:
+            return self._gone_or_failed(name, "cannot read its table back", exc)
+        if after != [WIPED_TARGET]:
+            return KeyWipe(name, "failed", f"table is still {' '.join(after) or 'empty'}")
+        self._drop_buffers(name)
+        return KeyWipe(name, "wiped", "table replaced by an error target")
+
+    def _gone_or_failed(self, name: str, what: str, exc: OSError) -> KeyWipe:
+        if exc.errno == errno.ENXIO or name not in self.host._dm_names():
+            return KeyWipe(name, "no_key", "mapping removed meanwhile")
+        log.error("%s: %s: %s", name, what, exc.strerror)
+        return KeyWipe(name, "failed", f"{what}: {exc.strerror}")
 
     def _shut_down_filesystems(self, knames: dict[str, str]) -> None:
         """Shut down each filesystem mounted from one of the mappings (name -> dm-N), found by
-        device number in mountinfo (one superblock: its first visible mount is enough)."""
+        device number in mountinfo (one superblock: its first visible mount is enough). A
+        shutdown writes its journal's superblock and waits for it: a few run at once."""
         devices: dict[str, str] = {}
         for name, kname in knames.items():
             with contextlib.suppress(OSError):
                 directory = os.path.join(self.host.sysfs, "block", kname)
                 devices[self.host._dm_dev(directory)[0]] = name
-        done: set[str] = set()
+        points: dict[str, list[str]] = {}
         for entry in self.host._mounts():
-            if entry.dev in devices and entry.dev not in done and shut_down(entry.point, entry.dev):
-                done.add(entry.dev)
+            if entry.dev in devices:
+                points.setdefault(entry.dev, []).append(entry.point)
+        if not points:
+            return
+        with ThreadPoolExecutor(min(SHUTDOWN_WORKERS, len(points))) as pool:
+            list(pool.map(shut_down_first, points.values(), points.keys()))
 
     def _drop_buffers(self, name: str) -> None:
         with contextlib.suppress(OSError):
@@ -114,6 +130,11 @@ class KeyWiper:
                 fcntl.ioctl(fd, BLKFLSBUF)
             finally:
                 os.close(fd)
+
+
+def shut_down_first(paths: list[str], dev: str) -> bool:
+    """Shut down device ``dev``'s filesystem at the first of its mounts where that works."""
+    return any(shut_down(path, dev) for path in paths)
 
 
 def shut_down(path: str, dev: str) -> bool:

@@ -18,7 +18,7 @@ from bench.cli import parse_args
 from bench.common import BenchError
 from bench.flows import Sample
 from bench.report import render
-from bench.shred import WRITER, count_targets, shred_phase, shred_problems
+from bench.shred import WRITER, count_targets, parse_tables, shred_phase, shred_problems
 from bench.summary import GOAL_SHRED_MAX, merged, notes, summarise
 from csi import admin
 
@@ -231,3 +231,11 @@ def test_log_lines_keep_what_was_logged_from_the_offset(tmp_path: Path) -> None:
     lines = bench_shred.log_lines(Logged(), offset, limit=4)  # type: ignore[arg-type]
     assert lines == ["one", "x" * 400 + " ...", "...", "l8", "l9"]
     assert bench_shred.log_lines(Logged(), offset)[:1] == ["one"]  # type: ignore[arg-type]
+
+
+def test_parse_tables_reads_every_devices_target_types() -> None:
+    out = ("luks-eph-aaa: 0 131072 crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 7:1 32768\n"
+           "luks-eph-bbb: 0 131072 error \nluks-eph-ccc: 0 8 linear 7:2 0\n"
+           "luks-eph-ccc: 8 8 error\nNo devices found\n")  # fmt: skip
+    assert parse_tables(out) == {"luks-eph-aaa": ["crypt"], "luks-eph-bbb": ["error"],
+                                 "luks-eph-ccc": ["linear", "error"]}  # fmt: skip

@@ -21,14 +21,15 @@ from pathlib import Path
 import pytest
 
 from csi.errors import Busy, FailedPrecondition, Internal, InvalidArgument
-from csi.host import LuksFormat, MappingUse, mountcalls, wipe
+from csi.host import LuksFormat, MappingUse, dm, mountcalls, wipe
 from csi.host import commands as cmd
 from csi.host import linux as linux_host
+from csi.host.dm import DeviceMapper
 from csi.host.linux import LinuxHost, read_mountinfo, read_mounts
 from csi.host.nbd import Qcow2Nbd
 from csi.host.runner import DEFAULT_TIMEOUT, CommandFailed, run
-from csi.host.wipe import parse_tables
 from csi.keys import VolumeKey, random_key
+from tests.unit.dm_kernel import Device, DmKernel
 
 FIXTURES = Path(__file__).parent / "fixtures" / "linux"
 MOUNTINFO = FIXTURES / "proc" / "self" / "mountinfo"
@@ -791,25 +792,28 @@ def test_the_nbd_command_lines_are_pinned(tmp_path: Path, runner: ScriptedRunner
 
 
 # --- forced key wipe ----------------------------------------------------------------------------
-TABLES = (
-    "luks-eph-aaa: 0 131072 crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 7:1 32768\n"
-    "luks-eph-bbb: 0 131072 error \n"
-    "vg0-root: 0 2097152 linear 8:2 2048\n"
-)
-WIPED = TABLES.replace("crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 7:1 32768", "error")
+@pytest.fixture
+def kernel() -> DmKernel:
+    k = DmKernel()
+    k.add("luks-eph-aaa", "crypt")
+    k.add("luks-eph-bbb", "error")
+    k.add("vg0-root", "linear")
+    return k
 
 
-def test_parse_tables_reads_every_devices_target_types() -> None:
-    assert parse_tables(TABLES + "luks-eph-ccc: 0 8 linear 7:2 0\nluks-eph-ccc: 8 8 error\n"
-                        "No devices found\n") == {
-        "luks-eph-aaa": ["crypt"], "luks-eph-bbb": ["error"], "vg0-root": ["linear"],
-        "luks-eph-ccc": ["linear", "error"],
-    }  # fmt: skip
+@pytest.fixture
+def dm_host(runner: ScriptedRunner, sysfs: Path, kernel: DmKernel, tmp_path: Path) -> LinuxHost:
+    """The host with a scripted device-mapper control (``tests.unit.dm_kernel``)."""
+    (tmp_path / "dev" / "mapper").mkdir(parents=True)
+    (tmp_path / "dev" / "mapper" / "control").touch()
+    return LinuxHost(sysfs=str(sysfs), proc=str(FIXTURES / "proc"), runner=runner,
+                     dm=DeviceMapper(str(tmp_path / "dev"), kernel))  # fmt: skip
 
 
-def test_wipe_keys_replaces_the_tables_in_one_dmsetup_and_proves_it(
-    host: LinuxHost, runner: ScriptedRunner, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_wipe_keys_swaps_in_error_tables_by_ioctl_and_proves_it(
+    dm_host: LinuxHost, runner: ScriptedRunner, kernel: DmKernel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     shut: list[tuple[str, str]] = []
 
     def shut_down(path: str, dev: str) -> bool:
@@ -817,62 +821,100 @@ def test_wipe_keys_replaces_the_tables_in_one_dmsetup_and_proves_it(
         return True
 
     monkeypatch.setattr(wipe, "shut_down", shut_down)
-    runner.on("dmsetup", "table", stdout=TABLES)
-    runner.on("dmsetup", "table", stdout=WIPED)
-    results = host.crypt_wipe_keys(["luks-eph-aaa", "luks-eph-bbb", "luks-eph-zzz"])
+    results = dm_host.crypt_wipe_keys(["luks-eph-aaa", "luks-eph-bbb", "luks-eph-zzz"])
     assert [(r.name, r.outcome) for r in results] == [
         ("luks-eph-aaa", "wiped"), ("luks-eph-bbb", "no_key"), ("luks-eph-zzz", "no_key")]
-    assert runner.argvs == [
-        ["dmsetup", "table"],
-        ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-aaa"],
-        ["dmsetup", "table"],
-    ]
-    assert all(c.stdin is None for c in runner.calls)  # no key goes anywhere
+    assert kernel.kinds("luks-eph-aaa") == ["error"] and kernel.kinds("vg0-root") == ["linear"]
+    assert kernel.devices["luks-eph-aaa"].targets == [(0, 131072, "error")]  # the same size
+    assert [(c, n) for c, n, _ in kernel.calls] == [
+        (dm.TABLE_STATUS_CMD, "luks-eph-aaa"), (dm.TABLE_STATUS_CMD, "luks-eph-bbb"),
+        (dm.TABLE_LOAD_CMD, "luks-eph-aaa"), (dm.DEV_SUSPEND_CMD, "luks-eph-aaa"),
+        (dm.TABLE_STATUS_CMD, "luks-eph-aaa")]  # fmt: skip
+    resume = kernel.calls[3][2]
+    assert resume & dm.NOFLUSH_FLAG and resume & dm.SKIP_LOCKFS_FLAG  # no flush, no freeze
+    assert runner.calls == []  # no process at all
     # the filesystem of aaa (253:0) is shut down once, at its first mount; ddd was not asked
     assert shut == [("/var/lib/kubelet/plugins/kubernetes.io/csi/luks-eph/abc/globalmount",
                      "253:0")]
 
 
-def test_wipe_keys_falls_back_to_one_at_a_time_and_reports_what_failed(
-    host: LinuxHost, runner: ScriptedRunner, monkeypatch: pytest.MonkeyPatch
+def test_wipe_keys_tries_the_next_mount_when_a_shutdown_cannot_open_the_first(
+    dm_host: LinuxHost, kernel: DmKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried: list[str] = []
+
+    def shut_down(path: str, dev: str) -> bool:
+        tried.append(path)
+        return len(tried) == 2
+
+    monkeypatch.setattr(wipe, "shut_down", shut_down)
+    assert dm_host.crypt_wipe_keys(["luks-eph-aaa"])[0].outcome == "wiped"
+    assert tried == ["/var/lib/kubelet/plugins/kubernetes.io/csi/luks-eph/abc/globalmount",
+                     "/var/lib/kubelet/pods/p1/volumes/kubernetes.io~csi/pvc-1/mount"]
+
+
+def test_wipe_keys_keeps_a_read_only_mapping_read_only(
+    dm_host: LinuxHost, kernel: DmKernel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(wipe, "shut_down", lambda path, dev: True)
-    both = TABLES.replace("luks-eph-bbb: 0 131072 error", "luks-eph-bbb: 0 131072 crypt x")
-    runner.on("dmsetup", "table", stdout=both)
-    runner.on("dmsetup", "wipe_table", exit=1, stderr="device-mapper: reload ioctl failed")
-    runner.on("dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-aaa")
-    runner.on("dmsetup", "wipe_table", exit=1, stderr="device-mapper: reload ioctl failed")
-    runner.on("dmsetup", "table", stdout=both.replace(
-        "crypt aes-xts-plain64 :64:logon:cryptsetup:x 0 7:1 32768", "error"))
-    results = host.crypt_wipe_keys(["luks-eph-aaa", "luks-eph-bbb"])
+    kernel.add("luks-eph-aaa", "crypt", sectors=4096, readonly=True)
+    assert dm_host.crypt_wipe_keys(["luks-eph-aaa"])[0].outcome == "wiped"
+    device = kernel.devices["luks-eph-aaa"]
+    assert device.targets == [(0, 4096, "error")] and device.readonly
+
+
+def test_one_mapping_that_cannot_be_wiped_never_keeps_the_others_keys(
+    dm_host: LinuxHost, kernel: DmKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wipe, "shut_down", lambda path, dev: True)
+    kernel.add("luks-eph-bbb", "crypt")
+    kernel.add("luks-eph-ddd", "crypt")
+    kernel.fail[(dm.DEV_SUSPEND_CMD, "luks-eph-aaa")] = errno.EINVAL
+    kernel.fail[(dm.TABLE_LOAD_CMD, "luks-eph-bbb")] = errno.ENOMEM
+    results = dm_host.crypt_wipe_keys(["luks-eph-aaa", "luks-eph-bbb", "luks-eph-ddd"])
     assert [(r.name, r.outcome) for r in results] == [
-        ("luks-eph-aaa", "wiped"), ("luks-eph-bbb", "failed")]
-    assert "crypt" in results[1].detail
-    assert runner.argvs[1:4] == [
-        ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-aaa",
-         "luks-eph-bbb"],
-        ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-aaa"],
-        ["dmsetup", "wipe_table", "--noudevsync", "--noflush", "--nolockfs", "luks-eph-bbb"],
-    ]
+        ("luks-eph-aaa", "failed"), ("luks-eph-bbb", "failed"), ("luks-eph-ddd", "wiped")]
+    assert "cannot wipe its table" in results[0].detail and "aaa: EINVAL" in results[0].detail
+    assert kernel.kinds("luks-eph-aaa") == ["crypt"] and kernel.kinds("luks-eph-bbb") == ["crypt"]
+    # the failed resume left no inactive error table behind (as dmsetup clears it)
+    assert (dm.TABLE_CLEAR_CMD, "luks-eph-aaa", 0) in kernel.calls
+    assert kernel.devices["luks-eph-aaa"].inactive is None
+
+
+def test_a_mapping_removed_meanwhile_has_no_key_and_a_table_that_stays_crypt_fails(
+    dm_host: LinuxHost, kernel: DmKernel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(wipe, "shut_down", lambda path, dev: True)
+    kernel.add("luks-eph-bbb", "crypt")
+    del kernel.devices["luks-eph-aaa"]  # sysfs still lists it: removed between the two
+    original = kernel._status
+
+    def stays_crypt(buffer: bytearray, fields: list[object], device: Device) -> None:
+        device.targets = [(0, 131072, "crypt")]  # as if another load put the crypt table back
+        original(buffer, fields, device)
+
+    monkeypatch.setattr(kernel, "_status", stays_crypt)
+    results = dm_host.crypt_wipe_keys(["luks-eph-aaa", "luks-eph-bbb"])
+    assert (results[0].outcome, results[0].detail) == ("no_key", "mapping removed meanwhile")
+    assert (results[1].outcome, results[1].detail) == ("failed", "table is still crypt")
 
 
 def test_close_of_a_wiped_mapping_removes_it_and_its_integrity_mapping_with_dmsetup(
-    host: LinuxHost, runner: ScriptedRunner, sysfs: Path
+    dm_host: LinuxHost, runner: ScriptedRunner, sysfs: Path, kernel: DmKernel
 ) -> None:
+    host = dm_host
     dif = sysfs / "block" / "dm-9"
     (dif / "dm").mkdir(parents=True)
     (dif / "dm" / "name").write_text("luks-eph-bbb_dif\n")
     (dif / "dev").write_text("253:9\n")
     runner.on("cryptsetup", "close", exit=1, stderr="Device luks-eph-bbb is not a valid LUKS.")
-    runner.on("dmsetup", "table", stdout=TABLES)
     host.crypt_close("luks-eph-bbb")
-    assert runner.argvs[2:] == [["dmsetup", "remove", "--retry", "luks-eph-bbb"],
+    assert runner.argvs[1:] == [["dmsetup", "remove", "--retry", "luks-eph-bbb"],
                                 ["dmsetup", "remove", "--retry", "luks-eph-bbb_dif"]]
     runner.calls.clear()
     runner.on("cryptsetup", "close", exit=1, stderr="Device luks-eph-aaa is busy.")
     with pytest.raises(Busy):
         host.crypt_close("luks-eph-aaa")
     runner.on("cryptsetup", "close", exit=1, stderr="Cannot initialize device-mapper.")
-    runner.on("dmsetup", "table", stdout=TABLES)
     with pytest.raises(CommandFailed, match="device-mapper"):
         host.crypt_close("luks-eph-aaa")  # not wiped: the failure is real

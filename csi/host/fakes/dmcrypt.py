@@ -80,7 +80,7 @@ class FakeDmCrypt(FakeState):
             self.fs_sizes.pop(device, None)
 
     def crypt_wipe_keys(self, names: list[str]) -> list[KeyWipe]:
-        """Like ``dmsetup wipe_table``: each key is gone from the kernel at once, in use or not."""
+        """Like the error-table swap: each key is gone from the kernel at once, in use or not."""
         with self._lock:
             self._enter("crypt_wipe_keys", " ".join(names))
             results = []
