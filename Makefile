@@ -29,7 +29,7 @@ test-host: venv
 # The real-kernel tier (and the host tier again, with quotas): directly where this kernel has device-mapper, else inside a VM.
 test-node: venv
 	-$(PY) tools/csi_sanity.py
-	$(PY) tools/vmrun.py --timeout 5400 -- $(PY) -m pytest -q -p no:cacheprovider --timeout 1200 -rs tests/node tests/host
+	$(PY) tools/vmrun.py --timeout 7200 -- $(PY) -m pytest -q -p no:cacheprovider --timeout 1200 -rs tests/node tests/host
 
 test: lint test-unit test-host test-node
 
