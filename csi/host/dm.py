@@ -14,11 +14,12 @@ which reads every crypt key and hides it only when it prints. Layouts and number
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 # struct dm_ioctl: version[3], data_size, data_start, target_count, open_count, flags,
@@ -114,8 +115,14 @@ class DeviceMapper:
         self.control = os.path.join(dev, "mapper", "control")
         self._ioctl: Ioctl = ioctl or fcntl.ioctl
 
-    def open(self) -> int:
-        return os.open(self.control, os.O_RDWR | os.O_CLOEXEC)
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[int]:
+        """The control device, open for the calls below; closed after them."""
+        fd = os.open(self.control, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
 
     def _call(self, fd: int, command: int, buffer: bytearray) -> bytearray:
         self._ioctl(fd, request(command), buffer, True)

@@ -39,20 +39,15 @@ SHUTDOWN_WORKERS = 8  # shutdowns at once: each mostly waits for one journal wri
 class KeyWiper:
     def __init__(self, host: LinuxHost) -> None:
         self.host = host
-        self.dm = host.dm
 
     def wiped(self, name: str) -> bool:
         """Whether the mapping's table is an error target now (a wiped key)."""
+        dm = self.host.dm
         try:
-            fd = self.dm.open()
+            with dm.opened() as fd:
+                return dm.table(fd, name).kinds == [WIPED_TARGET]
         except OSError:
             return False
-        try:
-            return self.dm.table(fd, name).kinds == [WIPED_TARGET]
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
 
     def wipe(self, names: list[str]) -> list[KeyWipe]:
         present = self.host._dm_names()
@@ -60,37 +55,35 @@ class KeyWiper:
                                        for n in names if n not in present}  # fmt: skip
         if len(results) == len(names):
             return [results[n] for n in names]
-        fd = self.dm.open()
-        try:
+        with self.host.dm.opened() as fd:
             tables: dict[str, Table] = {}
             for name in names:
                 if name in results:
                     continue
                 try:
-                    tables[name] = self.dm.table(fd, name)
+                    table = self.host.dm.table(fd, name)
                 except OSError as exc:
                     results[name] = self._gone_or_failed(name, "cannot read its table", exc)
                     continue
-                if tables[name].kinds == [WIPED_TARGET]:
+                if table.kinds == [WIPED_TARGET]:
                     results[name] = KeyWipe(name, "no_key", "already wiped (error table)")
-                    del tables[name]
+                else:
+                    tables[name] = table
             if tables:
                 self._shut_down_filesystems({name: present[name] for name in tables})
             for name, table in tables.items():
                 results[name] = self._wipe_one(fd, name, table)
-        finally:
-            os.close(fd)
         return [results[n] for n in names]
 
     def _wipe_one(self, fd: int, name: str, table: Table) -> KeyWipe:
         """Swap in the error table, then read the table back to prove it (one bad mapping
         never keeps the others' keys in the kernel: each is on its own)."""
         try:
-            self.dm.wipe(fd, name, table)
+            self.host.dm.wipe(fd, name, table)
         except OSError as exc:
             return self._gone_or_failed(name, "cannot wipe its table", exc)
         try:
-            after = self.dm.table(fd, name).kinds
+            after = self.host.dm.table(fd, name).kinds
         except OSError as exc:
             return self._gone_or_failed(name, "cannot read its table back", exc)
         if after != [WIPED_TARGET]:
